@@ -1,0 +1,53 @@
+# keyd — `make demo` and `make test` do all set-up on a fresh Debian 12 box (as root).
+SHELL := /bin/bash
+PY_SYS ?= /usr/bin/python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_FLAGS ?=
+
+.PHONY: all deps apt venv unit vm test lint demo lab clean
+all: test
+
+deps: apt venv
+
+# Installs only what is missing, so a second run costs a dpkg query.
+apt:
+	@command -v $(PY_SYS) >/dev/null || { apt-get update -qq && apt-get install -y -qq python3; }
+	@pkgs="$$($(PY_SYS) -m keyd.programs --apt)"; \
+	missing=$$(for p in $$pkgs; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@$(MAKE) --no-print-directory apt
+	$(PY_SYS) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+unit: deps
+	$(PY) -m pytest tests/unit $(PYTEST_FLAGS)
+
+vm: deps
+	$(PY) -m pytest tests/vm $(PYTEST_FLAGS)
+
+# Unit tests first (fast feedback), then the real-kernel tier in the lab.
+test: deps
+	$(PY) -m pytest tests/unit $(PYTEST_FLAGS)
+	$(PY) -m pytest tests/vm $(PYTEST_FLAGS)
+
+lint: deps
+	$(VENV)/bin/ruff check keyd tests benchmarks
+	$(VENV)/bin/mypy --strict keyd
+
+lab: deps
+	$(VENV)/bin/keyd-lab build
+
+demo: deps
+	$(VENV)/bin/keyd-lab demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

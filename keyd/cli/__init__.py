@@ -1,0 +1,1 @@
+"""keydctl, the admin command line."""
