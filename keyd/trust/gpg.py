@@ -1,0 +1,110 @@
+"""The GnuPG adapter: python-gnupg in keyd's own GnuPG home, never root's ``~/.gnupg``.
+
+It only runs gpg and hands back raw status output (``--status-fd``) and
+data; the trust decision is made by :mod:`keyd.trust.status`. gpg's human
+log goes to ``/dev/null`` during verification so the status stream holds
+nothing but ``[GNUPG:]`` lines, and the web of trust is switched off
+(``--trust-model always``): keyd pins signers itself. Expired and revoked
+keys are still reported by gpg in that mode (EXPKEYSIG, REVKEYSIG).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import gnupg
+
+from keyd.trust.errors import KeyRejected, Reason, TrustError
+from keyd.trust.secret import SecretBytes
+
+GPG_OPTIONS = ["--trust-model", "always", "--no-auto-key-retrieve", "--no-greeting"]
+
+
+@dataclass(frozen=True)
+class GpgOutput:
+    """What a gpg run printed on its status channel, and its exit code."""
+
+    status: str
+    returncode: int
+
+
+class SignatureChecker(Protocol):
+    """Checks a detached signature; the verifier takes one so tests can pass real gpg homes."""
+
+    def check(self, data: bytes | bytearray, signature: bytes | bytearray) -> GpgOutput:
+        """Run the signature check; return gpg's status output, never judge it."""
+        ...
+
+
+class KeyDecryptor(Protocol):
+    """Decrypts an encrypted key file with the host key."""
+
+    def decrypt(self, ciphertext: bytes | bytearray) -> SecretBytes:
+        """Return the plaintext in a zeroable buffer, or raise KeyRejected(DECRYPT_FAILED)."""
+        ...
+
+
+def _environment(home: str) -> dict[str, str]:
+    # A fixed environment: no inherited GNUPGHOME or agent sockets from the caller.
+    return {"LC_ALL": "C", "LANG": "C", "GNUPGHOME": home,
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+
+
+class GnuPG:
+    """gpg operations in one GnuPG home (verify, decrypt, and for enrollment sign/encrypt)."""
+
+    def __init__(self, gnupghome: str) -> None:
+        home = Path(gnupghome)
+        if not home.is_dir():
+            raise TrustError(Reason.STATE_ERROR, f"GnuPG home {home} does not exist",
+                             subject=str(home),
+                             fix=f"mkdir -m 0700 {home} and import the signers' public keys "
+                                 f"with gpg --homedir {home} --import")
+        self.home = str(home)
+        self._gpg: Any = gnupg.GPG(gnupghome=self.home, options=list(GPG_OPTIONS),
+                                   env=_environment(self.home))
+
+    def check(self, data: bytes | bytearray, signature: bytes | bytearray) -> GpgOutput:
+        """Verify ``signature`` (detached) over ``data``; see :class:`SignatureChecker`."""
+        # python-gnupg wants the signature as a file; it is public, so a temp file is fine.
+        with tempfile.TemporaryDirectory(prefix="keyd-sig-") as scratch:
+            path = Path(scratch, "manifest.sig")
+            path.write_bytes(bytes(signature))
+            result = self._gpg.verify_data(str(path), bytes(data),
+                                           extra_args=["--logger-file", "/dev/null"])
+        return GpgOutput(str(result.stderr or ""), int(result.returncode or 0))
+
+    def decrypt(self, ciphertext: bytes | bytearray) -> SecretBytes:
+        """Decrypt with the host's secret key; the plaintext is copied into a SecretBytes."""
+        result = self._gpg.decrypt(bytes(ciphertext))
+        plain = result.data
+        result.data = b""  # drop python-gnupg's reference; the bytes object itself cannot be wiped
+        if not result.ok:
+            status = result.status or "no status"
+            raise KeyRejected(Reason.DECRYPT_FAILED,
+                              f"gpg could not decrypt the key file ({status})",
+                              fix=f"encrypt key files to a key whose secret part is in {self.home}")
+        return SecretBytes(plain)
+
+    def sign_detached(self, data: bytes, keyid: str) -> bytes:
+        """A binary detached signature over ``data`` by ``keyid`` (enrollment only)."""
+        result = self._gpg.sign(data, keyid=keyid, detach=True, binary=True, clearsign=False)
+        if not result.data:
+            raise TrustError(Reason.BAD_SIGNATURE, f"gpg could not sign with {keyid}: "
+                             f"{result.status or 'no status'}", subject=keyid,
+                             fix=f"make sure the secret key {keyid} is in {self.home} "
+                                 "(and unlocked in gpg-agent if it has a passphrase)")
+        return bytes(result.data)
+
+    def encrypt(self, plain: bytes | bytearray, recipient: str) -> bytes:
+        """Encrypt a key to ``recipient`` (binary OpenPGP), for enrollment."""
+        result = self._gpg.encrypt(bytes(plain), [recipient], armor=False, always_trust=True)
+        if not result.ok:
+            raise TrustError(Reason.DECRYPT_FAILED, f"gpg could not encrypt to {recipient}: "
+                             f"{result.status or 'no status'}", subject=recipient,
+                             fix=f"import the host's public key into {self.home}")
+        return bytes(result.data)

@@ -1,0 +1,240 @@
+"""keydctl enroll / verify / revoke end to end, with real gpg in a throwaway home."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from keyd.cli.main import build_parser, main
+from keyd.cli.trust_commands import enroll_main, parse_date
+from keyd.errors import ProgramError
+from keyd.runner import SubprocessRunner
+from keyd.trust import scratch
+
+SERIAL = "USBSERIAL0001"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """One GnuPG home with a signing key and a host (encryption) key, as keyd's home."""
+
+    home: Path
+    signer: str
+    host: str
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keys]:
+    """Fast keys, made once for this module; the agent is stopped afterwards."""
+    runner = SubprocessRunner()
+    home = scratch.make_home(tmp_path_factory.mktemp("cli-gpg") / "home")
+    signer = scratch.new_key(runner, home, "Admin <admin@keyd.test>")
+    host = scratch.new_key(runner, home, "Host <host@keyd.test>", usage="cert")
+    scratch.add_encryption_subkey(runner, home, host)
+    try:
+        yield Keys(home, signer, host)
+    finally:
+        scratch.stop_agent(runner, home)
+
+
+@dataclass
+class Cli:
+    """keydctl with scratch state, revocation list and config, as a non-root user would run it."""
+
+    keys: Keys
+    tmp: Path
+
+    @property
+    def stick(self) -> Path:
+        return self.tmp / "stick"
+
+    def common(self) -> list[str]:
+        return ["--config", str(self.tmp / "keyd.toml"), "--state-dir", str(self.tmp / "state"),
+                "--revocations", str(self.tmp / "revoked.toml")]
+
+    def enroll(self, volume: str, *extra: str) -> int:
+        return main(["enroll", *self.common(), "--volume", volume, "--signing-key",
+                     self.keys.signer, "--output", str(self.stick), "--bind-serial", SERIAL,
+                     *extra])
+
+    def verify(self, *extra: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:
+        capsys.readouterr()
+        code = main(["verify", *self.common(), str(self.stick), "--json", *extra])
+        return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture
+def cli(keys: Keys, tmp_path: Path) -> Cli:
+    """A config whose [trust] table pins the signer and names the home."""
+    (tmp_path / "keyd.toml").write_text(
+        f'[trust]\nsigners = ["{keys.signer}"]\ngnupghome = "{keys.home}"\n')
+    return Cli(keys, tmp_path)
+
+
+def reasons(document: dict) -> dict[str, str | None]:
+    return {v["volume"]: v["reason"] for v in document["volumes"]}
+
+
+def test_enroll_then_verify_accepts_three_volumes(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    for volume in ("tank", "media", "backup"):
+        assert cli.enroll(volume, "--generate", "32") == 0
+    code, document = cli.verify("--serial", SERIAL, capsys=capsys)
+    assert code == 0
+    assert reasons(document) == {"tank": None, "media": None, "backup": None}
+    assert document["signer"] == cli.keys.signer
+    assert len((cli.stick / "keyd" / "tank.key").read_bytes()) == 32
+
+
+def test_verify_human_output_names_each_volume(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.enroll("tank")
+    capsys.readouterr()
+    code = main(["verify", *cli.common(), str(cli.stick), "--serial", SERIAL])
+    out = capsys.readouterr().out
+    assert code == 0 and "tank: ACCEPTED" in out and cli.keys.signer in out
+
+
+def test_verify_on_another_stick_exits_6_with_wrong_stick(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.enroll("tank")
+    code, document = cli.verify("--serial", "SOMEOTHERSTICK", capsys=capsys)
+    assert code == 6
+    assert reasons(document) == {"tank": "WRONG_STICK"}
+
+
+def test_encrypted_enrollment_verifies_with_the_host_key(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.enroll("tank", "--encrypt-to", cli.keys.host)
+    assert (cli.stick / "keyd" / "tank.key.gpg").exists()
+    code, document = cli.verify("--serial", SERIAL, capsys=capsys)
+    assert code == 0 and reasons(document) == {"tank": None}
+
+
+def test_revoked_bundle_id_is_refused_by_verify(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.enroll("tank", "--bundle-id", "tank-2026")
+    assert main(["revoke", *cli.common(), "tank-2026"]) == 0
+    code, document = cli.verify("--serial", SERIAL, capsys=capsys)
+    assert code == 6 and reasons(document) == {"tank": "REVOKED_BUNDLE"}
+
+
+def test_revoked_serial_and_signer_refuse_the_stick(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.enroll("tank")
+    assert main(["revoke", *cli.common(), "--serial", SERIAL]) == 0
+    code, document = cli.verify("--serial", SERIAL, capsys=capsys)
+    assert code == 6 and document["reason"] == "REVOKED_STICK"
+    (cli.tmp / "revoked.toml").unlink()
+    assert main(["revoke", *cli.common(), "--signer", cli.keys.signer.lower()]) == 0
+    code, document = cli.verify("--serial", SERIAL, capsys=capsys)
+    assert code == 6 and document["reason"] == "REVOKED_SIGNER"
+
+
+def test_re_enrolling_raises_the_generation_and_old_copy_is_replayed(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.enroll("tank")
+    old = cli.tmp / "old-copy"
+    shutil.copytree(cli.stick, old)
+    assert cli.verify("--serial", SERIAL, "--record", capsys=capsys)[0] == 0
+    cli.enroll("tank")
+    code, document = cli.verify("--serial", SERIAL, "--record", capsys=capsys)
+    assert code == 0 and document["volumes"][0]["generation"] == 2
+    shutil.rmtree(cli.stick)
+    shutil.copytree(old, cli.stick)
+    code, document = cli.verify("--serial", SERIAL, capsys=capsys)
+    # The old bundle id was revoked by the newer manifest, and its generation is older.
+    assert code == 6 and reasons(document)["tank"] in ("REVOKED_BUNDLE", "REPLAYED_GENERATION")
+
+
+def test_enroll_refuses_to_re_sign_a_tampered_manifest(cli: Cli) -> None:
+    cli.enroll("tank")
+    manifest = cli.stick / "keyd" / "manifest"
+    manifest.write_bytes(manifest.read_bytes().replace(b"generation = 1", b"generation = 7"))
+    assert cli.enroll("media") == 6
+    assert b"generation = 7" in manifest.read_bytes()
+
+
+def test_enroll_without_stick_binding_is_refused(cli: Cli) -> None:
+    code = main(["enroll", *cli.common(), "--volume", "tank", "--signing-key", cli.keys.signer,
+                 "--output", str(cli.stick)])
+    assert code == 1
+    assert not cli.stick.exists()
+
+
+def test_verify_without_pinned_signers_is_a_config_error(cli: Cli) -> None:
+    (cli.tmp / "keyd.toml").write_text(f'[trust]\ngnupghome = "{cli.keys.home}"\n')
+    assert main(["verify", *cli.common(), str(cli.stick)]) == 3
+
+
+def test_signer_flag_works_without_a_config_file(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.enroll("tank")
+    (cli.tmp / "keyd.toml").unlink()
+    code = main(["verify", "--state-dir", str(cli.tmp / "state"), "--revocations",
+                 str(cli.tmp / "r.toml"), "--gnupghome", str(cli.keys.home), "--signer",
+                 cli.keys.signer, str(cli.stick), "--serial", SERIAL])
+    assert code == 0
+    assert main(["verify", "--config", str(cli.tmp / "missing.toml"), str(cli.stick)]) == 3
+
+
+def test_empty_directory_is_refused_with_no_bundle(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.stick.mkdir()
+    code, document = cli.verify(capsys=capsys)
+    assert code == 6 and document["reason"] == "NO_BUNDLE"
+
+
+@pytest.mark.parametrize(("text", "iso"), [
+    ("2027-01-31", "2027-01-31T00:00:00+00:00"),
+    ("2027-01-31T12:00:00+01:00", "2027-01-31T12:00:00+01:00"),
+    ("2027-01-31T12:00:00", "2027-01-31T12:00:00+00:00"),
+])
+def test_dates_are_parsed_as_utc_unless_an_offset_is_given(text: str, iso: str) -> None:
+    assert parse_date(text).isoformat() == iso
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A LUKS1 image file (no loop device needed) whose key is b"old passphrase"."""
+    if shutil.which("cryptsetup") is None:
+        pytest.skip("cryptsetup not installed")
+    path = tmp_path / "luks.img"
+    path.write_bytes(bytes(8 * 1024 * 1024))
+    subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks1",
+                    "--iter-time", "1", str(path), "--key-file", "-"],
+                   input=b"old passphrase", check=True, capture_output=True)
+    return path
+
+
+def test_enroll_with_device_adds_a_working_luks_keyslot(cli: Cli, image: Path) -> None:
+    args = build_parser().parse_args(
+        ["enroll", *cli.common(), "--volume", "tank", "--signing-key", cli.keys.signer,
+         "--output", str(cli.stick), "--bind-serial", SERIAL, "--device", str(image),
+         "--iter-time", "1"])
+    assert enroll_main(args, io.BytesIO(b"old passphrase"), io.StringIO()) == 0
+    key_file = cli.stick / "keyd" / "tank.key"
+    subprocess.run(["cryptsetup", "open", "--test-passphrase", "--key-file", str(key_file),
+                    str(image)], check=True)
+    manifest = (cli.stick / "keyd" / "manifest").read_text()
+    uuid = subprocess.run(["cryptsetup", "luksUUID", str(image)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    assert f'volume_uuid = "{uuid}"' in manifest
+
+
+def test_enroll_with_wrong_existing_key_writes_no_bundle(cli: Cli, image: Path) -> None:
+    args = build_parser().parse_args(
+        ["enroll", *cli.common(), "--volume", "tank", "--signing-key", cli.keys.signer,
+         "--output", str(cli.stick), "--bind-serial", SERIAL, "--device", str(image)])
+    with pytest.raises(ProgramError) as caught:
+        enroll_main(args, io.BytesIO(b"Zq7notthekey"), io.StringIO())
+    assert caught.value.argv[:2] == ["cryptsetup", "luksAddKey"]
+    assert not any("Zq7notthekey" in arg for arg in caught.value.argv)
+    assert not cli.stick.exists()
