@@ -1,0 +1,1 @@
+"""Adapters: the only code that runs storage programs (through keyd.runner) or reads /proc."""

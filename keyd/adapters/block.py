@@ -1,0 +1,129 @@
+"""mdadm, mount/umount and losetup adapters, each a thin, typed wrapper over the runner.
+
+Failures keep the program's :class:`~keyd.errors.ProgramError` (argv, exit code,
+stderr) as the cause and say which layer of which volume was being handled.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from keyd.adapters.retry import Retry
+from keyd.config.layers import md_uuid
+from keyd.engine.errors import StorageError, VolumeBusy
+from keyd.errors import ProgramError
+from keyd.runner import Runner
+
+
+def _last_line(exc: ProgramError) -> str:
+    lines = exc.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit {exc.returncode}"
+
+
+def _busy(exc: ProgramError) -> bool:
+    text = exc.stderr.lower()
+    return "busy" in text or "exclusive access" in text
+
+
+class Mdadm:
+    """The :class:`~keyd.engine.ports.RaidPort` that runs mdadm."""
+
+    def __init__(self, runner: Runner, retry: Retry | None = None) -> None:
+        self.runner = runner
+        self.retry = retry or Retry()
+
+    def assemble(self, label: str, md_name: str, uuid: str, members: Sequence[str],
+                 *, run: bool) -> str:
+        """``mdadm --assemble /dev/md/NAME --uuid=U [--run] MEMBERS...``."""
+        device = f"/dev/md/{md_name}"
+        argv = ["mdadm", "--assemble", device, f"--uuid={md_uuid(uuid)}"]
+        argv += ["--run"] if run else []
+        try:
+            self.runner.run([*argv, *members], timeout=120)
+        except ProgramError as exc:
+            raise StorageError(f"could not assemble {label}: {_last_line(exc)}",
+                               fix="see `mdadm --examine` of the members") from exc
+        return device
+
+    def start(self, label: str, device: str) -> None:
+        """``mdadm --run DEVICE`` for an array that is assembled but inactive."""
+        try:
+            self.runner.run(["mdadm", "--run", device], timeout=120)
+        except ProgramError as exc:
+            raise StorageError(f"could not start {label}: {_last_line(exc)}",
+                               fix=f"see `mdadm --detail {device}`") from exc
+
+    def stop(self, label: str, device: str) -> None:
+        """``mdadm --stop DEVICE``."""
+        try:
+            self.retry.run(lambda: self.runner.run(["mdadm", "--stop", device], timeout=60),
+                           busy=_busy)
+        except ProgramError as exc:
+            raise StorageError(f"could not stop {label}: {_last_line(exc)}",
+                               fix="something still uses the array; see `keydctl status`") \
+                from exc
+
+
+class Mounter:
+    """The :class:`~keyd.engine.ports.MountPort` that runs mount and umount."""
+
+    def __init__(self, runner: Runner, *, create_mountpoints: bool = True) -> None:
+        self.runner = runner
+        self.create_mountpoints = create_mountpoints
+
+    def mount(self, label: str, source: str, mountpoint: str, fstype: str,
+              options: Sequence[str]) -> None:
+        """``mount -t FSTYPE [-o OPTS] SOURCE MOUNTPOINT`` (creating the directory if missing)."""
+        if self.create_mountpoints:
+            os.makedirs(mountpoint, mode=0o755, exist_ok=True)
+        argv = ["mount", "-t", fstype]
+        argv += ["-o", ",".join(options)] if options else []
+        try:
+            self.runner.run([*argv, source, mountpoint], timeout=120)
+        except ProgramError as exc:
+            raise StorageError(f"could not mount {label} ({fstype}) at {mountpoint}: "
+                               f"{_last_line(exc)}",
+                               fix="check fstype and options; `dmesg` tells more") from exc
+
+    def unmount(self, label: str, mountpoint: str) -> None:
+        """``umount MOUNTPOINT``; "target is busy" becomes VolumeBusy."""
+        try:
+            self.runner.run(["umount", mountpoint], timeout=120)
+        except ProgramError as exc:
+            if "busy" in exc.stderr:
+                raise VolumeBusy(label, (), [f"umount: {mountpoint}: target is busy"]) from exc
+            raise StorageError(f"could not unmount {label} at {mountpoint}: "
+                               f"{_last_line(exc)}", fix="see `findmnt " + mountpoint + "`") \
+                from exc
+
+
+class Losetup:
+    """The :class:`~keyd.engine.ports.LoopPort` that runs losetup."""
+
+    def __init__(self, runner: Runner, retry: Retry | None = None) -> None:
+        self.runner = runner
+        self.retry = retry or Retry()
+
+    def attach(self, label: str, image: str, *, read_only: bool) -> str:
+        """``losetup --find --show [--read-only] IMAGE``; returns /dev/loopN."""
+        argv = ["losetup", "--find", "--show"] + (["--read-only"] if read_only else [])
+        try:
+            done = self.runner.run([*argv, image], timeout=60)
+        except ProgramError as exc:
+            raise StorageError(f"could not attach {label} ({image}): {_last_line(exc)}",
+                               fix="check that the image file exists in the layer below") from exc
+        device = done.stdout.strip()
+        if not device.startswith("/dev/loop"):
+            raise StorageError(f"losetup did not name the loop device for {label}",
+                               fix="run `losetup --list` to check")
+        return device
+
+    def detach(self, label: str, device: str) -> None:
+        """``losetup --detach DEVICE``."""
+        try:
+            self.retry.run(lambda: self.runner.run(["losetup", "--detach", device], timeout=60),
+                           busy=_busy)
+        except ProgramError as exc:
+            raise StorageError(f"could not detach {label} ({device}): {_last_line(exc)}",
+                               fix="something still uses it; see `keydctl status`") from exc

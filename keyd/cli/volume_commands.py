@@ -1,0 +1,304 @@
+"""keydctl's volume commands in direct mode: unlock, lock, status, doctor, check-config.
+
+Handlers take their I/O from an :class:`Environment` (real programs by
+default; unit tests put a fake one in ``args.environment``). Errors are
+KeydErrors; keyd.cli.main turns them into messages and exit codes.
+
+The adapters, executor and doctor are imported inside the handlers that use
+them, so ``keydctl status`` loads only config, observation and reporting
+(about a third less import time; its latency is one of issue 4's bars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+
+from keyd.config.model import DEFAULT_CONFIG, Config, CryptLayer, MountLayer, Volume
+from keyd.config.parse import load_config
+from keyd.engine.errors import KeyRejected
+from keyd.engine.lockfile import DEFAULT_RUN_DIR
+from keyd.engine.status import render_table, report, to_json
+from keyd.errors import ConfigError, KeydError
+
+if TYPE_CHECKING:
+    from keyd.engine.keys import FileKeys, PromptKeys
+    from keyd.engine.observe import Observer
+    from keyd.engine.ports import HolderPort, ServicePort, Storage
+    from keyd.engine.service import Engine
+    from keyd.runner import Runner
+
+_NAMED_KEY = re.compile(r"^([a-z0-9][a-z0-9_]*)=(.+)$")
+
+
+class UsageError(KeydError):
+    """The command line asks for something impossible."""
+
+    exit_code = 2
+
+
+@dataclass
+class Environment:
+    """Everything the commands touch outside the process."""
+
+    runner: Runner
+    observer: Observer
+    storage: Storage
+    holders: HolderPort
+    services: ServicePort
+    stdin: BinaryIO
+    stdout: TextIO
+    stderr: TextIO
+    stdin_is_tty: bool
+    ask: Callable[[str], str] = getpass.getpass
+    sleep: Callable[[float], None] | None = field(default=None)
+    root: Path = Path("/")
+
+
+def real_environment() -> Environment:
+    """The production environment: real programs, /proc and /sys."""
+    from keyd.adapters.block import Losetup, Mdadm, Mounter  # noqa: PLC0415 (see module doc)
+    from keyd.adapters.cryptsetup import Cryptsetup  # noqa: PLC0415
+    from keyd.adapters.system import ProcHolders, Systemctl  # noqa: PLC0415
+    from keyd.engine.observe import KernelObserver  # noqa: PLC0415
+    from keyd.engine.ports import Storage  # noqa: PLC0415
+    from keyd.runner import SubprocessRunner  # noqa: PLC0415
+
+    runner = SubprocessRunner()
+    storage = Storage(Cryptsetup(runner), Mdadm(runner), Mounter(runner), Losetup(runner))
+    return Environment(runner, KernelObserver(runner), storage, ProcHolders(), Systemctl(runner),
+                       sys.stdin.buffer, sys.stdout, sys.stderr, sys.stdin.isatty())
+
+
+class StderrProgress:
+    """Progress of slow steps on stderr."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def started(self, text: str) -> None:
+        """Announce a slow step."""
+        print(f"keydctl: {text} ...", file=self.stream, flush=True)
+
+    def finished(self, text: str, seconds: float) -> None:
+        """Report how long it took."""
+        print(f"keydctl: {text}: done ({seconds:.1f} s)", file=self.stream, flush=True)
+
+
+def _env(args: argparse.Namespace) -> Environment:
+    env: Environment | None = getattr(args, "environment", None)
+    return env if env is not None else real_environment()
+
+
+def _engine(env: Environment, args: argparse.Namespace) -> Engine:
+    from keyd.engine.service import Engine  # noqa: PLC0415 (see module doc)
+
+    engine = Engine(env.observer, env.storage, env.holders, env.services,
+                    run_dir=args.run_dir, lock_timeout=getattr(args, "wait", 30.0),
+                    progress=StderrProgress(env.stderr))
+    if env.sleep is not None:
+        engine.sleep = env.sleep
+    return engine
+
+
+def _key_names(volume: Volume) -> list[str]:
+    return list(dict.fromkeys(layer.key for layer in volume.layers
+                              if isinstance(layer, CryptLayer)))
+
+
+def _key_source(args: argparse.Namespace, env: Environment,
+                volume: Volume) -> FileKeys | PromptKeys:
+    from keyd.engine.keys import FileKeys, PromptKeys  # noqa: PLC0415 (see module doc)
+
+    names = _key_names(volume)
+    if args.passphrase:
+        return PromptKeys(env.ask if env.stdin_is_tty else _line_reader(env.stdin))
+    default, by_name = None, {}
+    for entry in args.key_file or []:
+        match = _NAMED_KEY.match(entry)
+        if match is None:
+            if default is not None:
+                raise UsageError("give only one --key-file without NAME=",
+                                 fix="use --key-file NAME=PATH for each key of the volume")
+            default = entry
+        elif match.group(1) not in names:
+            raise UsageError(f"volume {volume.name} has no key named {match.group(1)!r}",
+                             fix=f"its keys are: {', '.join(names) or 'none'}")
+        else:
+            by_name[match.group(1)] = match.group(2)
+    if names and default is None and set(names) - set(by_name):
+        raise UsageError(f"volume {volume.name} needs a key ({', '.join(names)})",
+                         fix="pass --key-file PATH (or - for stdin), or --passphrase")
+    return FileKeys(default, by_name, env.stdin, lambda path: open(path, "rb"))
+
+
+def _line_reader(stream: BinaryIO) -> Callable[[str], str]:
+    def read(prompt: str) -> str:
+        line = stream.readline()
+        if not line:
+            raise KeyRejected(f"no passphrase on stdin ({prompt.strip()})",
+                              fix="pipe one line per key, or run on a terminal")
+        return line.decode("utf-8", "replace").removesuffix("\n").removesuffix("\r")
+    return read
+
+
+def _report_rollback(env: Environment, error: BaseException) -> None:
+    failures = getattr(error, "rollback_failures", None)
+    if failures is None:
+        return
+    if not failures:
+        print("keydctl: rolled back: everything this run opened is closed again",
+              file=env.stderr)
+    for failure in failures:
+        print(f"keydctl: warning: rollback failed: {failure}", file=env.stderr)
+    if failures:
+        print("keydctl: warning: some devices may still be open; see `keydctl status`",
+              file=env.stderr)
+
+
+def _unlock(args: argparse.Namespace) -> int:
+    env = _env(args)
+    volume = load_config(args.config).volume(args.volume)
+    keys = _key_source(args, env, volume)
+    try:
+        outcome = _engine(env, args).unlock(volume, keys, start_services=args.start_services)
+    except BaseException as error:
+        _report_rollback(env, error)
+        raise
+    finally:
+        keys.wipe()
+    state = "unlocked" if outcome.changed else "already unlocked"
+    print(f"volume {volume.name} {state}{_mounted(volume)}", file=env.stdout)
+    return 0
+
+
+def _mounted(volume: Volume) -> str:
+    top = volume.layer(volume.top)
+    return f" at {top.mountpoint}" if isinstance(top, MountLayer) else ""
+
+
+def _lock(args: argparse.Namespace) -> int:
+    env = _env(args)
+    volume = load_config(args.config).volume(args.volume)
+    outcome = _engine(env, args).lock(volume, force=args.force)
+    print(f"volume {volume.name} {'locked' if outcome.changed else 'already locked'}",
+          file=env.stdout)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    env = _env(args)
+    config = load_config(args.config)
+    volumes = [config.volume(args.volume)] if args.volume else list(config.volumes)
+    observed = env.observer.observe(volumes, members=False)
+    reports = [report(volume, observed) for volume in volumes]
+    if args.json:
+        print(json.dumps(to_json(reports), indent=2), file=env.stdout)
+    elif not reports:
+        print(f"no volumes configured in {args.config}", file=env.stdout)
+    else:
+        print(render_table(reports), end="", file=env.stdout)
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from keyd.engine import doctor  # noqa: PLC0415 (see module doc)
+
+    env = _env(args)
+    findings: list[doctor.Finding] = []
+    try:
+        config = load_config(args.config)
+        findings.append(doctor.Finding("ok", "config", f"{args.config}: valid, "
+                                                       f"{len(config.volumes)} volume(s)"))
+    except ConfigError as exc:
+        findings.append(doctor.Finding("fail", "config", exc.message, exc.fix))
+        config = Config(file=args.config)
+    findings += doctor.check_programs(env.runner, doctor.needed_programs(config))
+    findings += doctor.check_modules(env.runner, doctor.needed_modules(config), env.root)
+    findings += doctor.check_hashes(env.runner, config)
+    findings += doctor.check_devices(config, env.observer.observe(config.volumes))
+    findings.append(doctor.check_run_dir(args.run_dir))
+    print(doctor.render(findings), end="", file=env.stdout)
+    return 1 if any(f.status == "fail" for f in findings) else 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    env = _env(args)
+    config = load_config(args.config)
+    print(f"{args.config}: valid; {len(config.volumes)} volume(s), "
+          f"{len(config.trust.signers)} trusted signer(s)", file=env.stdout)
+    for volume in config.volumes:
+        stack = " -> ".join(f"{layer.name} ({layer.kind})" for layer in volume.layers)
+        services = f"; services: {', '.join(volume.services)}" if volume.services else ""
+        print(f"  {volume.name}: {stack}{services}", file=env.stdout)
+    return 0
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG,
+                        help=f"configuration file (default: {DEFAULT_CONFIG})")
+    common.add_argument("--run-dir", metavar="DIR", default=DEFAULT_RUN_DIR,
+                        help=f"directory for per-volume lock files (default: {DEFAULT_RUN_DIR})")
+    return common
+
+
+def _add(subparsers: Any, name: str, handler: Callable[[argparse.Namespace], int],
+         summary: str, description: str, *,
+         parents: Sequence[argparse.ArgumentParser]) -> Any:
+    parser = subparsers.add_parser(name, help=summary, description=description,
+                                   parents=list(parents),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=handler, environment=None)
+    return parser
+
+
+def register(subparsers: Any) -> None:
+    """Add unlock, lock, status, doctor and check-config to keydctl."""
+    common = [_common()]
+    unlock = _add(subparsers, "unlock", _unlock, "open a volume's storage stack bottom-up",
+                  "Assemble, open and mount every layer of VOLUME that is not open yet.\n"
+                  "If a step fails, everything this run opened is closed again.\n\n"
+                  "examples:\n  keydctl unlock tank --key-file /media/stick/passphrase\n"
+                  "  keydctl unlock work --passphrase\n"
+                  "  keydctl unlock zoo --key-file tc1=/k/one --key-file tc2=/k/two",
+                  parents=common)
+    unlock.add_argument("volume", metavar="VOLUME", help="volume name from the configuration")
+    source = unlock.add_mutually_exclusive_group()
+    source.add_argument("--key-file", action="append", metavar="[NAME=]PATH",
+                        help="read the key from PATH ('-' = stdin); NAME= gives the key the "
+                             "config calls NAME (repeatable)")
+    source.add_argument("--passphrase", action="store_true",
+                        help="ask for each passphrase (or read one line per key from stdin)")
+    unlock.add_argument("--start-services", action="store_true",
+                        help="start the volume's configured services afterwards")
+    _add_wait(unlock)
+    lock = _add(subparsers, "lock", _lock, "close a volume's storage stack top-down",
+                "Unmount, detach, close and stop every layer of VOLUME that keyd opened.\n"
+                "Refuses while processes use the volume, and lists them.", parents=common)
+    lock.add_argument("volume", metavar="VOLUME", help="volume name from the configuration")
+    lock.add_argument("--force", action="store_true",
+                      help="stop the volume's configured services first (never kills)")
+    _add_wait(lock)
+    status = _add(subparsers, "status", _status, "show volumes and their layers",
+                  "Show each volume's state and every layer: device, degraded flag, "
+                  "mountpoint.", parents=common)
+    status.add_argument("volume", metavar="VOLUME", nargs="?", help="only this volume")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    _add(subparsers, "doctor", _doctor, "check programs, kernel modules, devices and config",
+         "Check that this machine can open the configured volumes; every problem "
+         "comes with a fix.", parents=common)
+    _add(subparsers, "check-config", _check_config, "validate the configuration file",
+         "Parse the configuration and print each volume's stack.", parents=common)
+
+
+def _add_wait(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                        help="wait this long for another keyd run on the volume (default 30)")

@@ -1,0 +1,159 @@
+"""The parsed configuration: frozen dataclasses, no I/O.
+
+A volume is a graph of named layers. Each layer names the layers it sits on
+(``below``); exactly one layer, the top, sits under nothing. Layers are kept in
+bottom-up order, so opening walks ``Volume.layers`` forwards and closing walks
+it backwards.
+
+New layer kinds (``zfs`` in issue 7) add a dataclass here, a field parser in
+:mod:`keyd.config.layers` and a planner handler; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from keyd.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/keyd/keyd.toml"
+DEFAULT_GNUPGHOME = "/etc/keyd/gnupg"
+
+CryptType = Literal["luks", "plain", "tcrypt", "veracrypt"]
+KeyFormat = Literal["passphrase", "binary"]
+DegradedMode = Literal["never", "after", "always"]
+
+
+@dataclass(frozen=True)
+class Degraded:
+    """When a RAID layer may start with members missing: never, after a wait, or always."""
+
+    mode: DegradedMode = "never"
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return f"after={self.seconds:g}" if self.mode == "after" else self.mode
+
+
+@dataclass(frozen=True)
+class RaidLayer:
+    """An md array, assembled by UUID from the member devices found (or listed)."""
+
+    name: str
+    uuid: str  # 32 lower-case hex digits, no separators
+    degraded: Degraded = Degraded()
+    devices: tuple[str, ...] = ()  # optional explicit member paths
+    below: tuple[str, ...] = ()
+    kind: Literal["raid"] = "raid"
+
+
+@dataclass(frozen=True)
+class CryptLayer:
+    """A dm-crypt mapping opened by cryptsetup.
+
+    ``key`` names the secret (a stick bundle supplies it by that name);
+    ``key_format`` says whether it is a passphrase (one trailing newline is
+    dropped, as a terminal would) or binary bytes used exactly.
+    """
+
+    name: str
+    type: CryptType
+    key: str
+    key_format: KeyFormat
+    device: str | None = None
+    below: tuple[str, ...] = ()
+    cipher: str | None = None
+    key_size: int | None = None  # bits
+    hash: str | None = None
+    offset: int = 0  # 512-byte sectors
+    skip: int = 0  # 512-byte sectors
+    sector_size: int | None = None
+    keyfile_offset: int = 0  # bytes
+    iv_large_sectors: bool = False
+    hidden: bool = False
+    system: bool = False
+    backup_header: bool = False
+    pim: int | None = None
+    readonly: bool = False
+    allow_discards: bool = False
+    kind: Literal["crypt"] = "crypt"
+
+    @property
+    def raw_key(self) -> bool:
+        """True for plain mode without a hash: the key bytes are the cipher key."""
+        return self.type == "plain" and self.hash in (None, "plain")
+
+
+@dataclass(frozen=True)
+class LoopLayer:
+    """A loop device over an image file inside the (mounted) layer below."""
+
+    name: str
+    image: str  # relative to the mountpoint of the layer below
+    below: tuple[str, ...]
+    read_only: bool = False
+    kind: Literal["loop"] = "loop"
+
+
+@dataclass(frozen=True)
+class MountLayer:
+    """A filesystem mounted from the layer below (or from a device)."""
+
+    name: str
+    fstype: str
+    mountpoint: str
+    options: tuple[str, ...] = ()
+    device: str | None = None
+    below: tuple[str, ...] = ()
+    kind: Literal["mount"] = "mount"
+
+
+Layer = RaidLayer | CryptLayer | LoopLayer | MountLayer
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One storage stack: its layers bottom-up, its top layer and its services."""
+
+    name: str
+    layers: tuple[Layer, ...]
+    top: str
+    services: tuple[str, ...] = ()
+    description: str = ""
+
+    def layer(self, name: str) -> Layer:
+        """The layer called ``name``; a missing name is a programming error."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def uppers(self, name: str) -> tuple[Layer, ...]:
+        """The layers that sit directly on ``name``."""
+        return tuple(layer for layer in self.layers if name in layer.below)
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    """The ``[trust]`` table: pinned signer fingerprints and keyd's GnuPG home."""
+
+    signers: tuple[str, ...] = ()
+    gnupghome: str = DEFAULT_GNUPGHOME
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration file, parsed and validated."""
+
+    file: str
+    volumes: tuple[Volume, ...] = ()
+    trust: TrustConfig = TrustConfig()
+
+    def volume(self, name: str) -> Volume:
+        """The volume called ``name``, or a ConfigError listing the configured ones."""
+        for volume in self.volumes:
+            if volume.name == name:
+                return volume
+        known = ", ".join(v.name for v in self.volumes) or "none"
+        raise ConfigError(self.file, f"volume.{name}", f"no volume named {name!r}",
+                          fix=f"configured volumes: {known}")

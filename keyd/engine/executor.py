@@ -1,0 +1,258 @@
+"""Runs plans through the adapters: unlock as a transaction, lock only when nothing is busy.
+
+Unlock: each step that opens something is remembered; when a step fails (or
+the run is interrupted), exactly those are closed again in reverse order, and
+the original error is re-raised. Rollback failures are attached to it (as
+notes and ``rollback_failures``), never replacing it.
+
+Lock: processes using a mountpoint or device that is about to close make the
+lock fail with the PIDs listed. ``force`` only stops the volume's configured
+services first; keyd never kills processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol
+
+from keyd.config.model import CryptLayer, Volume
+from keyd.engine.errors import Holder, KeyRejected, StorageError, VolumeBusy
+from keyd.engine.observe import Observer
+from keyd.engine.observed import ObservedState
+from keyd.engine.plan import (
+    AssembleRaid,
+    AttachLoop,
+    CloseCrypt,
+    DetachLoop,
+    LayerRef,
+    Mount,
+    OpenCrypt,
+    Plan,
+    Source,
+    StartRaid,
+    Step,
+    StopRaid,
+    Unmount,
+    WaitForMembers,
+    undo_step,
+)
+from keyd.engine.ports import HolderPort, ServicePort, Storage
+from keyd.errors import KeydError
+
+log = logging.getLogger("keyd.engine")
+
+
+class KeySource(Protocol):
+    """Supplies the secret named ``name`` for a crypt layer of ``volume``."""
+
+    def key(self, volume: str, name: str, layer: CryptLayer) -> bytearray:
+        """The key bytes; the executor wipes the buffer after use."""
+        ...
+
+
+class Progress(Protocol):
+    """Shows progress of slow steps (key derivation, assembly, waiting)."""
+
+    def started(self, text: str) -> None:
+        """A slow step began."""
+        ...
+
+    def finished(self, text: str, seconds: float) -> None:
+        """The slow step ended."""
+        ...
+
+
+class QuietProgress:
+    """A :class:`Progress` that shows nothing."""
+
+    def started(self, text: str) -> None:
+        """Ignore."""
+
+    def finished(self, text: str, seconds: float) -> None:
+        """Ignore."""
+
+
+@dataclass
+class _Run:
+    """What one unlock run has produced so far."""
+
+    devices: dict[str, str]
+    opened: list[tuple[Step, str | None]] = field(default_factory=list)
+    members: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    plain_opened: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Executor:
+    """Executes plans; every effect goes through the injected adapters."""
+
+    storage: Storage
+    keys: KeySource
+    observer: Observer
+    holders: HolderPort
+    services: ServicePort
+    progress: Progress = field(default_factory=QuietProgress)
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+    def unlock(self, volume: Volume, plan: Plan) -> dict[str, str]:
+        """Run an unlock plan; return layer -> device for every open layer."""
+        run = _Run(devices=dict(plan.devices))
+        try:
+            for step in plan.steps:
+                self._timed(step, partial(self._open, volume, step, run))
+        except BaseException as error:
+            self._rollback(run, error)
+            raise
+        return run.devices
+
+    def _timed(self, step: Step, action: Callable[[], None]) -> None:
+        text = step.describe()
+        log.info("%s", text)
+        started = self.clock()
+        if step.slow:
+            self.progress.started(text)
+        action()
+        if step.slow:
+            self.progress.finished(text, self.clock() - started)
+
+    def _open(self, volume: Volume, step: Step, run: _Run) -> None:
+        device: str | None = None
+        label = _label(volume.name, _layer_name(step))
+        if isinstance(step, WaitForMembers):
+            run.members[step.layer] = self._wait(volume, step)
+            return
+        if isinstance(step, AssembleRaid):
+            members = run.members.get(step.layer, step.members)
+            device = self.storage.raid.assemble(label, step.md_name, step.uuid, members,
+                                                run=step.run)
+        elif isinstance(step, StartRaid):
+            self.storage.raid.start(label, step.device)
+            device = step.device
+        elif isinstance(step, OpenCrypt):
+            device = self._open_crypt(volume, step, run)
+        elif isinstance(step, AttachLoop):
+            device = self.storage.loops.attach(label, step.image, read_only=step.read_only)
+        elif isinstance(step, Mount):
+            device = self._mount(volume, step, run, label)
+        run.opened.append((step, device))
+        run.devices[_layer_name(step)] = device or ""
+
+    def _open_crypt(self, volume: Volume, step: OpenCrypt, run: _Run) -> str:
+        source = _resolve(step.source, run)
+        key = self.keys.key(volume.name, step.layer.key, step.layer)
+        try:
+            device = self.storage.crypt.open(volume.name, step.layer, source, step.dm_name, key)
+        finally:
+            key[:] = bytes(len(key))  # wipe our copy of the secret
+        if step.layer.type == "plain":
+            run.plain_opened.add(step.layer.name)
+        return device
+
+    def _mount(self, volume: Volume, step: Mount, run: _Run, label: str) -> str:
+        source = _resolve(step.source, run)
+        try:
+            self.storage.mounts.mount(label, source, step.mountpoint, step.fstype, step.options)
+        except StorageError as exc:
+            # Plain dm-crypt cannot tell a wrong key: it shows up here as garbage.
+            if isinstance(step.source, LayerRef) and step.source.layer in run.plain_opened:
+                raise KeyRejected(
+                    f"wrong key for volume {volume.name}? {step.layer} does not mount after "
+                    f"plain layer {step.source.layer} was opened",
+                    fix="plain mode cannot check keys: check the key and cipher, key_size, "
+                        "hash, offset and skip in keyd.toml") from exc
+            raise
+        return source
+
+    def _wait(self, volume: Volume, step: WaitForMembers) -> tuple[str, ...]:
+        deadline = self.clock() + step.seconds
+        while True:
+            found = self.observer.observe([volume]).members_of(step.uuid)
+            devices = found.devices if found is not None else ()
+            if len(devices) >= step.expected or self.clock() >= deadline:
+                return devices
+            self.sleep(min(1.0, max(deadline - self.clock(), 0.0)))
+
+    def _rollback(self, run: _Run, error: BaseException) -> None:
+        failures: list[BaseException] = []
+        for step, device in reversed(run.opened):
+            undo = undo_step(step, device)
+            if undo is None:
+                continue
+            try:
+                self._close(undo, None)
+            except Exception as exc:  # keep going: close as much as possible
+                failures.append(exc)
+                error.add_note(f"rollback: {undo.describe()} failed: {exc}")
+        error.rollback_failures = failures  # type: ignore[attr-defined]
+
+    def lock(self, volume: Volume, plan: Plan, observed: ObservedState, *,
+             force: bool = False) -> None:
+        """Run a lock plan after checking nothing holds the volume."""
+        if force:
+            self.services.stop(volume.services)
+        holders, reasons = self._busy(plan, observed)
+        if holders or reasons:
+            raise VolumeBusy(volume.name, holders, reasons)
+        for step in plan.steps:
+            self._timed(step, partial(self._close, step, volume))
+
+    def _busy(self, plan: Plan, observed: ObservedState) -> tuple[list[Holder], list[str]]:
+        unmounting = {s.mountpoint for s in plan.steps if isinstance(s, Unmount)}
+        reasons = [f"{m.source} is mounted at {m.mountpoint}, inside {point}"
+                   for point in sorted(unmounting) for m in observed.mounts_below(point)
+                   if m.mountpoint not in unmounting]
+        targets = dict(pair for step in plan.steps for pair in _targets(step, observed))
+        found = self.holders.holders(list(targets))
+        # A FUSE driver (ntfs-3g) holds its device until its mount goes; that is not "busy".
+        fuse = {m.source_kname for m in observed.mounts
+                if m.mountpoint in unmounting and m.fstype.startswith("fuse")}
+        servers = {h.pid for h in self.holders.holders(["/dev/fuse"])} if fuse else set()
+        holders = [h for h in found
+                   if not (h.pid in servers and targets.get(h.path) in fuse)]
+        return holders, reasons
+
+    def _close(self, step: Step, volume: Volume | None) -> None:
+        label = _label(volume.name if volume else "", _layer_name(step))
+        if isinstance(step, Unmount):
+            self.storage.mounts.unmount(label, step.mountpoint)
+        elif isinstance(step, DetachLoop):
+            self.storage.loops.detach(label, step.device)
+        elif isinstance(step, CloseCrypt):
+            self.storage.crypt.close(step.dm_name)
+        elif isinstance(step, StopRaid):
+            self.storage.raid.stop(label, step.device)
+        else:
+            raise KeydError(f"not a closing step: {step.describe()}")
+
+
+def _layer_name(step: Step) -> str:
+    return step.layer.name if isinstance(step, OpenCrypt) else step.layer
+
+
+def _label(volume: str, layer: str) -> str:
+    return f"layer {layer} of volume {volume}" if volume else f"layer {layer}"
+
+
+def _resolve(source: Source, run: _Run) -> str:
+    if isinstance(source, LayerRef):
+        return run.devices[source.layer]
+    return source
+
+
+def _targets(step: Step, observed: ObservedState) -> list[tuple[str, str]]:
+    """(path, kernel name) pairs a closing step needs free; mountpoints have no kernel name."""
+    if isinstance(step, Unmount):
+        return [(step.mountpoint, "")]
+    if isinstance(step, CloseCrypt):
+        mapping = observed.dm_named(step.dm_name)
+        kname = mapping.kname if mapping else ""
+        pairs = [(f"/dev/mapper/{step.dm_name}", kname)]
+        return pairs + ([(f"/dev/{kname}", kname)] if kname else [])
+    if isinstance(step, DetachLoop | StopRaid):
+        return [(step.device, step.device.rpartition("/")[2])]
+    return []

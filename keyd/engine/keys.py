@@ -1,0 +1,103 @@
+"""Key sources for direct mode (keydctl): key files, stdin, or a passphrase prompt.
+
+Keys live only in ``bytearray`` buffers that the executor wipes after use;
+they are never logged, never put in argv, environment or files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from keyd.config.model import CryptLayer
+from keyd.engine.errors import KeyRejected
+
+MAX_KEY_BYTES = 8 * 1024 * 1024  # cryptsetup's own key file limit
+
+
+def _read_limited(stream: BinaryIO, what: str) -> bytearray:
+    data = bytearray(stream.read(MAX_KEY_BYTES + 1))
+    if len(data) > MAX_KEY_BYTES:
+        raise KeyRejected(f"{what} is larger than {MAX_KEY_BYTES} bytes",
+                          fix="point --key-file at the key, not at a disk image")
+    return data
+
+
+@dataclass
+class FileKeys:
+    """Keys from files: ``by_name`` for named keys, ``default`` for the rest; ``-`` is stdin.
+
+    stdin is read once and reused, so one ``--key-file -`` serves every layer.
+    """
+
+    default: str | None
+    by_name: Mapping[str, str]
+    stdin: BinaryIO
+    opener: Callable[[str], BinaryIO]
+    _stdin_data: bytearray | None = field(default=None, repr=False)
+
+    def key(self, volume: str, name: str, layer: CryptLayer) -> bytearray:
+        """See KeySource."""
+        path = self.by_name.get(name, self.default)
+        if path is None:
+            raise KeyRejected(f"no key given for key {name!r} of volume {volume}",
+                              fix=f"pass --key-file {name}=PATH (or one --key-file for all)")
+        if path == "-":
+            if self._stdin_data is None:
+                self._stdin_data = _read_limited(self.stdin, "the key on stdin")
+            return bytearray(self._stdin_data)
+        try:
+            with self.opener(path) as stream:
+                return _read_limited(stream, f"key file {path}")
+        except OSError as exc:
+            raise KeyRejected(f"cannot read key file {path}: {exc.strerror}",
+                              fix="check the path given to --key-file") from None
+
+    def wipe(self) -> None:
+        """Overwrite the key read from stdin."""
+        if self._stdin_data is not None:
+            self._stdin_data[:] = bytes(len(self._stdin_data))
+
+
+@dataclass
+class PromptKeys:
+    """Passphrases asked once per key name (``ask`` is getpass on a terminal)."""
+
+    ask: Callable[[str], str]
+    _cache: dict[str, bytearray] = field(default_factory=dict, repr=False)
+
+    def key(self, volume: str, name: str, layer: CryptLayer) -> bytearray:
+        """See KeySource."""
+        if name not in self._cache:
+            text = self.ask(f"Passphrase for {volume}/{name}: ")
+            self._cache[name] = bytearray(text.encode("utf-8"))
+        return bytearray(self._cache[name])
+
+    def wipe(self) -> None:
+        """Overwrite the cached passphrases."""
+        for buffer in self._cache.values():
+            buffer[:] = bytes(len(buffer))
+        self._cache.clear()
+
+
+class NoKeys:
+    """A key source for runs that must not need keys (lock)."""
+
+    def key(self, volume: str, name: str, layer: CryptLayer) -> bytearray:
+        """Always refuses."""
+        raise KeyRejected(f"no key source for {volume}/{name} in this operation")
+
+
+@dataclass
+class MappingKeys:
+    """Keys already in memory by name (the daemon fills it from a verified stick bundle)."""
+
+    keys: Mapping[str, bytes | bytearray]
+
+    def key(self, volume: str, name: str, layer: CryptLayer) -> bytearray:
+        """See KeySource; a copy, so the executor's wipe leaves the caller's buffer alone."""
+        if name not in self.keys:
+            raise KeyRejected(f"the key bundle has no key {name!r} for volume {volume}",
+                              fix=f"enroll a bundle that contains {name!r}")
+        return bytearray(self.keys[name])

@@ -1,0 +1,41 @@
+"""Deterministic names of what keyd creates, and how keyd recognises its own devices.
+
+A crypt layer ``crypt0`` of volume ``tank`` is the dm device ``keyd-tank-crypt0``;
+cryptsetup gives it the dm UUID ``CRYPT-<TYPE>-[<hex uuid>-]keyd-tank-crypt0``.
+keyd owns a mapping only when both name and UUID say so. Arrays are assembled
+as ``/dev/md/keyd-tank-md0``; mdadm records that name (MD_DEVNAME).
+"""
+
+from __future__ import annotations
+
+from keyd.engine.observed import DmMapping
+
+PREFIX = "keyd"
+
+# dm UUID prefixes cryptsetup sets, per crypt type (TrueCrypt and VeraCrypt are TCRYPT).
+_UUID_TYPES = {"luks": ("LUKS1", "LUKS2"), "plain": ("PLAIN",),
+               "tcrypt": ("TCRYPT",), "veracrypt": ("TCRYPT",)}
+
+
+def dm_name(volume: str, layer: str) -> str:
+    """The device-mapper name keyd gives a crypt layer."""
+    return f"{PREFIX}-{volume}-{layer}"
+
+
+def md_name(volume: str, layer: str) -> str:
+    """The name (under /dev/md/) keyd assembles a raid layer as."""
+    return f"{PREFIX}-{volume}-{layer}"
+
+
+def owns_mapping(mapping: DmMapping, name: str, crypt_type: str) -> bool:
+    """True when ``mapping`` is the one cryptsetup made for keyd's ``name`` of this type."""
+    if mapping.name != name or not mapping.uuid.endswith("-" + name):
+        return False
+    return any(mapping.uuid.startswith(f"CRYPT-{kind}-") for kind in _UUID_TYPES[crypt_type])
+
+
+def is_helper_of(mapping: DmMapping, name: str) -> bool:
+    """True for cryptsetup's extra mappings of a cipher cascade (``<name>_1``...)."""
+    stem, _, suffix = mapping.name.rpartition("_")
+    return (stem == name and suffix.isdigit()
+            and mapping.uuid.startswith(("CRYPT-SUBDEV-", "CRYPT-TCRYPT-")))

@@ -1,0 +1,289 @@
+"""Pure planning: which steps bring a volume up (bottom-up) or down (top-down).
+
+Layers already open are skipped, so unlocking twice plans nothing. Locking
+plans to close only what keyd owns. A layer with something in its way (a
+foreign mapping on its device, another filesystem on its mountpoint) stops the
+unlock before anything is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from keyd.config.model import CryptLayer, Layer, LoopLayer, MountLayer, RaidLayer, Volume
+from keyd.engine.assess import LayerStatus, assess, image_path
+from keyd.engine.errors import DegradedRefused, StorageError
+from keyd.engine.names import dm_name, md_name
+from keyd.engine.observed import MdArray, ObservedState
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """The device another layer of the same run provides (known once it is open)."""
+
+    layer: str
+
+
+Source = str | LayerRef
+
+
+@dataclass(frozen=True)
+class WaitForMembers:
+    """Wait up to ``seconds`` for missing RAID members before starting degraded."""
+
+    layer: str
+    uuid: str
+    expected: int
+    seconds: float
+    slow = True
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        return f"waiting up to {self.seconds:g} s for all {self.expected} members of {self.layer}"
+
+
+@dataclass(frozen=True)
+class AssembleRaid:
+    """``mdadm --assemble`` the array by UUID; ``run`` allows starting it degraded."""
+
+    layer: str
+    uuid: str
+    md_name: str
+    members: tuple[str, ...]
+    run: bool
+    slow = True
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        mode = " (degraded allowed)" if self.run else ""
+        return f"assembling {self.layer} as /dev/md/{self.md_name}{mode}"
+
+
+@dataclass(frozen=True)
+class _OnDevice:
+    """A step acting on one existing device of a layer."""
+
+    layer: str
+    device: str
+    slow = False
+    verb = ""
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        return f"{self.verb} {self.layer} ({self.device})"
+
+
+@dataclass(frozen=True)
+class StartRaid(_OnDevice):
+    """Start an array that is assembled but inactive (``mdadm --run``)."""
+
+    slow = True
+    verb = "starting"
+
+
+@dataclass(frozen=True)
+class OpenCrypt:
+    """``cryptsetup open`` the layer as ``dm_name``; the key is fetched at run time."""
+
+    volume: str
+    layer: CryptLayer
+    dm_name: str
+    source: Source
+    slow = True
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        kdf = " (key derivation may take a while)" if self.layer.type != "plain" else ""
+        return f"opening {self.layer.type} layer {self.layer.name} as {self.dm_name}{kdf}"
+
+
+@dataclass(frozen=True)
+class AttachLoop:
+    """Attach a loop device to the image file."""
+
+    layer: str
+    image: str
+    read_only: bool
+    slow = False
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        return f"attaching {self.image} to a loop device"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """Mount the source device at ``mountpoint``."""
+
+    layer: str
+    source: Source
+    mountpoint: str
+    fstype: str
+    options: tuple[str, ...]
+    slow = False
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        return f"mounting {self.layer} ({self.fstype}) at {self.mountpoint}"
+
+
+@dataclass(frozen=True)
+class Unmount:
+    """Unmount ``mountpoint``."""
+
+    layer: str
+    mountpoint: str
+    slow = False
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        return f"unmounting {self.mountpoint}"
+
+
+@dataclass(frozen=True)
+class DetachLoop(_OnDevice):
+    """Detach a loop device."""
+
+    verb = "detaching"
+
+
+@dataclass(frozen=True)
+class CloseCrypt:
+    """``cryptsetup close`` a mapping keyd owns."""
+
+    layer: str
+    dm_name: str
+    slow = False
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        return f"closing {self.dm_name}"
+
+
+@dataclass(frozen=True)
+class StopRaid(_OnDevice):
+    """``mdadm --stop`` an array keyd assembled."""
+
+    verb = "stopping"
+
+
+Step = (WaitForMembers | AssembleRaid | StartRaid | OpenCrypt | AttachLoop | Mount
+        | Unmount | DetachLoop | CloseCrypt | StopRaid)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Steps for one volume, plus the devices of layers that were already open."""
+
+    volume: str
+    steps: tuple[Step, ...]
+    devices: Mapping[str, str] = field(default_factory=dict)
+
+
+def plan_unlock(volume: Volume, observed: ObservedState) -> Plan:
+    """Steps that open every layer of ``volume`` that is not open yet, bottom-up."""
+    statuses = assess(volume, observed)
+    steps: list[Step] = []
+    devices: dict[str, str] = {}
+    for layer in volume.layers:
+        status = statuses[layer.name]
+        if status.problem is not None:
+            raise StorageError(f"cannot unlock volume {volume.name}: layer {layer.name}: "
+                               f"{status.problem}", fix=status.fix)
+        if status.open and status.device is not None:
+            devices[layer.name] = status.device
+            continue
+        steps.extend(_open_steps(volume, layer, status, observed))
+    return Plan(volume.name, tuple(steps), devices)
+
+
+def _source(layer: CryptLayer | MountLayer) -> Source:
+    return layer.device if layer.device is not None else LayerRef(layer.below[0])
+
+
+def _open_steps(volume: Volume, layer: Layer, status: LayerStatus,
+                observed: ObservedState) -> list[Step]:
+    if isinstance(layer, RaidLayer):
+        return _raid_steps(volume, layer, status, observed)
+    if isinstance(layer, CryptLayer):
+        return [OpenCrypt(volume.name, layer, dm_name(volume.name, layer.name), _source(layer))]
+    if isinstance(layer, LoopLayer):
+        return [AttachLoop(layer.name, image_path(volume, layer), layer.read_only)]
+    return [Mount(layer.name, _source(layer), layer.mountpoint, layer.fstype, layer.options)]
+
+
+def _raid_steps(volume: Volume, layer: RaidLayer, status: LayerStatus,
+                observed: ObservedState) -> list[Step]:
+    array = observed.md_with_uuid(layer.uuid)
+    present, expected, devices = _members(layer, observed, array)
+    if present == 0:
+        raise StorageError(f"cannot unlock volume {volume.name}: no member of raid layer "
+                           f"{layer.name} (md UUID {layer.uuid}) was found",
+                           fix="connect the disks; `mdadm --examine --scan` lists what is found")
+    missing = expected > present
+    start: Step
+    if array is not None:  # assembled (by udev or mdadm) but not started
+        start = StartRaid(layer.name, f"/dev/{array.kname}")
+    else:
+        start = AssembleRaid(layer.name, layer.uuid, md_name(volume.name, layer.name),
+                             devices, run=missing and layer.degraded.mode != "never")
+    if not missing or layer.degraded.mode == "always":
+        return [start]
+    if layer.degraded.mode == "never":
+        raise DegradedRefused(
+            f"cannot unlock volume {volume.name}: raid layer {layer.name} has {present} of "
+            f"{expected} members and its degraded policy is never", fix=(
+                "connect the missing disk, or set degraded = \"always\" or "
+                "\"after=SECONDS\" for this layer in keyd.toml"))
+    return [WaitForMembers(layer.name, layer.uuid, expected, layer.degraded.seconds), start]
+
+
+def _members(layer: RaidLayer, observed: ObservedState,
+             array: MdArray | None) -> tuple[int, int, tuple[str, ...]]:
+    """(present, expected, member paths) for an array, assembled-but-inactive or not."""
+    found = observed.members_of(layer.uuid)
+    if array is not None:
+        present = len(array.members)
+        return present, array.raid_disks or (found.expected if found else present), ()
+    if layer.devices:
+        paths = tuple(path for path in layer.devices if path in observed.paths)
+        return len(paths), found.expected if found else len(layer.devices), paths
+    if found is None:
+        return 0, 0, ()
+    return len(found.devices), found.expected, found.devices
+
+
+def plan_lock(volume: Volume, observed: ObservedState) -> Plan:
+    """Steps that close, top-down, every open layer of ``volume`` that keyd owns."""
+    statuses = assess(volume, observed)
+    steps: list[Step] = []
+    for layer in reversed(volume.layers):
+        status = statuses[layer.name]
+        if status.open and status.owned:
+            steps.append(_close_step(volume, layer, status))
+    return Plan(volume.name, tuple(steps))
+
+
+def _close_step(volume: Volume, layer: Layer, status: LayerStatus) -> Step:
+    if isinstance(layer, MountLayer):
+        return Unmount(layer.name, layer.mountpoint)
+    if isinstance(layer, LoopLayer):
+        return DetachLoop(layer.name, status.device or "")
+    if isinstance(layer, CryptLayer):
+        return CloseCrypt(layer.name, dm_name(volume.name, layer.name))
+    return StopRaid(layer.name, status.device or "")
+
+
+def undo_step(step: Step, device: str | None) -> Step | None:
+    """The step that reverses ``step`` (run during rollback), given the device it produced."""
+    if isinstance(step, AssembleRaid):
+        return StopRaid(step.layer, device or f"/dev/md/{step.md_name}")
+    if isinstance(step, OpenCrypt):
+        return CloseCrypt(step.layer.name, step.dm_name)
+    if isinstance(step, AttachLoop) and device is not None:
+        return DetachLoop(step.layer, device)
+    if isinstance(step, Mount):
+        return Unmount(step.layer, step.mountpoint)
+    # Waiting changes nothing; a started array that udev had assembled is left running.
+    return None

@@ -1,0 +1,99 @@
+"""The small Protocols the executor drives; keyd.adapters implements them with real programs.
+
+``label`` arguments ("crypt layer crypt0 of volume tank") only make error
+messages specific; adapters never log or raise key material.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from keyd.config.model import CryptLayer
+from keyd.engine.errors import Holder
+
+
+class CryptPort(Protocol):
+    """Opens and closes dm-crypt mappings."""
+
+    def open(self, volume: str, layer: CryptLayer, device: str, dm_name: str,
+             key: bytes | bytearray) -> str:
+        """Open ``device`` as ``dm_name`` with ``key``; return the mapped device path."""
+        ...
+
+    def close(self, dm_name: str) -> None:
+        """Close the mapping; closing one that is gone is not an error."""
+        ...
+
+
+class RaidPort(Protocol):
+    """Assembles, starts and stops md arrays."""
+
+    def assemble(self, label: str, md_name: str, uuid: str, members: Sequence[str],
+                 *, run: bool) -> str:
+        """Assemble array ``uuid`` as /dev/md/``md_name``; return its device path."""
+        ...
+
+    def start(self, label: str, device: str) -> None:
+        """Start an assembled but inactive array."""
+        ...
+
+    def stop(self, label: str, device: str) -> None:
+        """Stop the array."""
+        ...
+
+
+class MountPort(Protocol):
+    """Mounts and unmounts filesystems."""
+
+    def mount(self, label: str, source: str, mountpoint: str, fstype: str,
+              options: Sequence[str]) -> None:
+        """Mount ``source`` at ``mountpoint``."""
+        ...
+
+    def unmount(self, label: str, mountpoint: str) -> None:
+        """Unmount ``mountpoint``."""
+        ...
+
+
+class LoopPort(Protocol):
+    """Attaches and detaches loop devices."""
+
+    def attach(self, label: str, image: str, *, read_only: bool) -> str:
+        """Attach ``image`` to a free loop device; return its path."""
+        ...
+
+    def detach(self, label: str, device: str) -> None:
+        """Detach the loop device."""
+        ...
+
+
+class HolderPort(Protocol):
+    """Finds processes using mountpoints or devices."""
+
+    def holders(self, paths: Sequence[str]) -> list[Holder]:
+        """Processes with a cwd, root, open file or mapping at or below any of ``paths``."""
+        ...
+
+
+class ServicePort(Protocol):
+    """Starts and stops systemd units."""
+
+    def stop(self, units: Sequence[str]) -> None:
+        """Stop ``units``."""
+        ...
+
+    def start(self, units: Sequence[str]) -> None:
+        """Start ``units``."""
+        ...
+
+
+@dataclass(frozen=True)
+class Storage:
+    """The adapters one executor uses."""
+
+    crypt: CryptPort
+    raid: RaidPort
+    mounts: MountPort
+    loops: LoopPort

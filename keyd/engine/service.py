@@ -1,0 +1,74 @@
+"""The engine's front door: unlock, lock and status of configured volumes.
+
+keydctl's direct mode uses it today; the daemon (D-Bus) will use the same
+object. Each unlock/lock holds the volume's lock file for its whole run,
+observes the kernel, plans, and executes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from keyd.config.model import Volume
+from keyd.engine.executor import Executor, KeySource, Progress, QuietProgress
+from keyd.engine.keys import NoKeys
+from keyd.engine.lockfile import DEFAULT_RUN_DIR, VolumeLock
+from keyd.engine.observe import Observer
+from keyd.engine.plan import plan_lock, plan_unlock
+from keyd.engine.ports import HolderPort, ServicePort, Storage
+from keyd.engine.status import VolumeReport, report
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an unlock or lock did: ``changed`` is False when there was nothing to do."""
+
+    volume: str
+    changed: bool
+    devices: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Engine:
+    """Unlocks, locks and reports volumes through the injected observer and adapters."""
+
+    observer: Observer
+    storage: Storage
+    holders: HolderPort
+    services: ServicePort
+    run_dir: str = DEFAULT_RUN_DIR
+    lock_timeout: float = 30.0
+    progress: Progress = field(default_factory=QuietProgress)
+    sleep: Callable[[float], None] = time.sleep
+
+    def _executor(self, keys: KeySource) -> Executor:
+        return Executor(self.storage, keys, self.observer, self.holders, self.services,
+                        self.progress, sleep=self.sleep)
+
+    def unlock(self, volume: Volume, keys: KeySource, *,
+               start_services: bool = False) -> Outcome:
+        """Open what is not open yet; on failure everything this run opened is closed again."""
+        with VolumeLock(self.run_dir, volume.name, timeout=self.lock_timeout):
+            plan = plan_unlock(volume, self.observer.observe([volume]))
+            devices = dict(plan.devices)
+            if plan.steps:
+                devices = self._executor(keys).unlock(volume, plan)
+            if start_services:
+                self.services.start(volume.services)
+        return Outcome(volume.name, bool(plan.steps), devices)
+
+    def lock(self, volume: Volume, *, force: bool = False) -> Outcome:
+        """Close what keyd opened, unless something still uses it (``force`` stops services)."""
+        with VolumeLock(self.run_dir, volume.name, timeout=self.lock_timeout):
+            observed = self.observer.observe([volume], members=False)
+            plan = plan_lock(volume, observed)
+            if plan.steps:
+                self._executor(NoKeys()).lock(volume, plan, observed, force=force)
+        return Outcome(volume.name, bool(plan.steps))
+
+    def status(self, volumes: Sequence[Volume]) -> list[VolumeReport]:
+        """Each volume's state, read from the kernel now."""
+        observed = self.observer.observe(volumes, members=False)
+        return [report(volume, observed) for volume in volumes]

@@ -1,0 +1,72 @@
+"""``keydctl status``: each volume's state and layers, as a table or as JSON. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from keyd.config.model import Volume
+from keyd.engine.assess import LayerStatus, assess
+from keyd.engine.observed import ObservedState
+
+
+@dataclass(frozen=True)
+class VolumeReport:
+    """A volume: ``unlocked`` (all layers open), ``locked`` (none), ``partial`` or ``conflict``."""
+
+    name: str
+    state: str
+    layers: tuple[LayerStatus, ...]
+    services: tuple[str, ...]
+
+
+def report(volume: Volume, observed: ObservedState) -> VolumeReport:
+    """Summarise ``volume`` in ``observed``; layers top-down, as people read a stack."""
+    statuses = tuple(reversed(assess(volume, observed).values()))
+    open_count = sum(status.open for status in statuses)
+    if any(status.problem for status in statuses):
+        state = "conflict"
+    elif open_count == len(statuses):
+        state = "unlocked"
+    else:
+        state = "locked" if open_count == 0 else "partial"
+    degraded = any(status.degraded for status in statuses)
+    return VolumeReport(volume.name, state + (" (degraded)" if degraded else ""), statuses,
+                        volume.services)
+
+
+def _layer_state(status: LayerStatus) -> str:
+    if status.problem:
+        return "conflict"
+    if status.open:
+        return "open" if status.owned else "open (not keyd's)"
+    return "closed"
+
+
+def render_table(reports: Sequence[VolumeReport]) -> str:
+    """A readable table: volume, state, then each layer with device, flags and mountpoint."""
+    rows = [("VOLUME", "STATE", "LAYER", "KIND", "LAYER STATE", "DEVICE", "DETAIL")]
+    for rep in reports:
+        first = True
+        for status in rep.layers:
+            detail = ", ".join(filter(None, [status.mountpoint or "", status.detail,
+                                             status.problem or ""]))
+            rows.append((rep.name if first else "", rep.state if first else "", status.name,
+                         status.kind, _layer_state(status), status.device or "-",
+                         detail or "-"))
+            first = False
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+             + "  " + row[-1] for row in rows]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def to_json(reports: Sequence[VolumeReport]) -> dict[str, Any]:
+    """The same information for programs (``status --json``)."""
+    return {"volumes": [{
+        "name": rep.name, "state": rep.state, "services": list(rep.services),
+        "layers": [{"name": s.name, "kind": s.kind, "state": _layer_state(s),
+                    "owned": s.owned, "device": s.device, "degraded": s.degraded,
+                    "mountpoint": s.mountpoint, "detail": s.detail, "problem": s.problem}
+                   for s in rep.layers]} for rep in reports]}

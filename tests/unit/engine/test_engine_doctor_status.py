@@ -1,0 +1,123 @@
+"""doctor checks and status reports, as tables."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from keyd.adapters.scripted import Reply, ScriptedRunner
+from keyd.config import Config, parse_config
+from keyd.engine import doctor
+from keyd.engine.observed import DmMapping, MdArray, ObservedState
+from keyd.engine.status import render_table, report, to_json
+from keyd.errors import ProgramMissing, ProgramTimeout
+from keyd.runner import Completed
+
+UUID = "6b8b4567327b23c6643c986966334873"
+CONFIG = parse_config(textwrap.dedent(f"""
+    [volume.tank]
+    services = ["smbd.service"]
+    [volume.tank.layer.md0]
+    kind = "raid"
+    uuid = "{UUID}"
+    devices = ["/dev/disk/by-id/a", "/dev/disk/by-id/b"]
+    [volume.tank.layer.c]
+    kind = "crypt"
+    type = "plain"
+    below = ["md0"]
+    cipher = "aes-cbc-plain"
+    key_size = 256
+    hash = "ripemd160"
+    [volume.tank.layer.fs]
+    kind = "mount"
+    below = ["c"]
+    fstype = "ntfs-3g"
+    mountpoint = "/w"
+    [volume.tank.layer.img]
+    kind = "loop"
+    below = ["fs"]
+    image = "rootfs"
+    [volume.tank.layer.root]
+    kind = "mount"
+    below = ["img"]
+    fstype = "ext3"
+    mountpoint = "/r"
+"""), "t.toml")
+
+
+def test_needed_programs_and_modules_follow_the_config() -> None:
+    assert doctor.needed_programs(CONFIG) == ["mount", "umount", "modprobe", "cryptsetup",
+                                              "mdadm", "losetup", "ntfs-3g", "systemctl"]
+    assert doctor.needed_modules(CONFIG) == ["dm_crypt", "raid456", "raid1", "loop", "fuse",
+                                             "ext4"]
+    assert doctor.needed_programs(Config("x")) == ["mount", "umount", "modprobe"]
+
+
+class MissingRunner(ScriptedRunner):
+    def run(self, argv: Sequence[str], **kwargs: Any) -> Completed:
+        if argv[0] == "ntfs-3g":
+            raise ProgramMissing("ntfs-3g", "ntfs-3g")
+        if argv[0] == "mdadm":
+            raise ProgramTimeout(list(argv), 10, "")
+        return super().run(argv, **kwargs)
+
+
+def test_missing_and_hanging_programs() -> None:
+    findings = doctor.check_programs(MissingRunner().on("mount", reply=Reply(
+        stderr="mount from util-linux 2.38\n")), ["mount", "ntfs-3g", "mdadm"])
+    assert [(f.status, f.text) for f in findings] == [
+        ("ok", "mount: mount from util-linux 2.38"),
+        ("fail", "ntfs-3g is not installed"),
+        ("warn", "mdadm: mdadm did not finish within 10 s and was killed")]
+    assert findings[1].fix == "apt-get install ntfs-3g"
+
+
+def test_modprobe_itself_failing_is_a_warning(tmp_path: Path) -> None:
+    runner = ScriptedRunner().on("modprobe", reply=Reply(returncode=3))
+    (finding,) = doctor.check_modules(runner, ["loop"], tmp_path)
+    assert finding.status == "warn"
+
+
+def test_plain_hashes_are_checked_with_cryptsetup_benchmark() -> None:
+    ok = doctor.check_hashes(ScriptedRunner(), CONFIG)
+    assert [(f.status, f.text) for f in ok] == [
+        ("ok", "cryptsetup can hash passphrases with ripemd160")]
+    bad = doctor.check_hashes(ScriptedRunner().on("cryptsetup", reply=Reply(
+        stderr="hash not supported\n", returncode=1)), CONFIG)
+    assert bad[0].status == "fail" and "legacy provider" in str(bad[0].fix)
+
+
+def test_devices_and_members() -> None:
+    observed = ObservedState(paths={"/dev/disk/by-id/a": "sdb"}, sector_sizes={"sdb": 4096},
+                             md=(MdArray("md9", UUID),))
+    texts = [(f.status, f.text) for f in doctor.check_devices(CONFIG, observed)]
+    assert texts == [
+        ("warn", f"tank/md0: no members of md {UUID} found (assembled as /dev/md9)"),
+        ("ok", "tank/md0: /dev/disk/by-id/a -> /dev/sdb, 4096-byte sectors"),
+        ("fail", "tank/md0: /dev/disk/by-id/b is not present")]
+
+
+def test_run_dir_checks(tmp_path: Path) -> None:
+    assert doctor.check_run_dir(str(tmp_path / "new" / "dir")).status == "ok"
+    (tmp_path / "file").write_text("")
+    finding = doctor.check_run_dir(str(tmp_path / "file" / "run"))
+    assert finding.status == "fail" and "--run-dir" in str(finding.fix)
+
+
+def test_partial_volume_and_foreign_layer_in_status() -> None:
+    volume = CONFIG.volume("tank")
+    foreign_md = MdArray("md0", UUID, "/dev/md/host:0", "clean", "raid5", 3, 1)
+    rep = report(volume, ObservedState(md=(foreign_md,)))
+    assert rep.state == "partial (degraded)"
+    table = render_table([rep])
+    assert "open (not keyd's)" in table and "degraded (2 of 3)" in table
+    assert to_json([rep])["volumes"][0]["layers"][-1]["degraded"] is True
+
+
+def test_status_conflict_state() -> None:
+    volume = CONFIG.volume("tank")
+    squatter = DmMapping("dm-3", "keyd-tank-c", "", ())
+    rep = report(volume, ObservedState(dm=(squatter,)))
+    assert rep.state == "conflict"

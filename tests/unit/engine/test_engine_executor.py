@@ -1,0 +1,336 @@
+"""Executor: transactional unlock with rollback, busy-aware lock, waiting for RAID members."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from keyd.config import CryptLayer, Volume, parse_config
+from keyd.engine.errors import Holder, KeyRejected, StorageError, VolumeBusy
+from keyd.engine.executor import Executor
+from keyd.engine.observed import DmMapping, MountEntry, ObservedState, RaidMembers
+from keyd.engine.plan import (
+    AssembleRaid,
+    CloseCrypt,
+    LayerRef,
+    Mount,
+    OpenCrypt,
+    Plan,
+    StartRaid,
+    StopRaid,
+    Unmount,
+    WaitForMembers,
+    plan_unlock,
+)
+from keyd.engine.ports import Storage
+
+UUID = "6b8b4567327b23c6643c986966334873"
+
+
+def volume(crypt_type: str = "luks") -> Volume:
+    extra = 'cipher = "aes-cbc-plain"\nkey_size = 128' if crypt_type == "plain" else ""
+    return parse_config(textwrap.dedent(f"""
+        [volume.tank]
+        services = ["smbd.service"]
+        [volume.tank.layer.md0]
+        kind = "raid"
+        uuid = "{UUID}"
+        degraded = "after=5"
+        [volume.tank.layer.crypt0]
+        kind = "crypt"
+        type = "{crypt_type}"
+        below = ["md0"]
+        {extra}
+        [volume.tank.layer.data]
+        kind = "mount"
+        below = ["crypt0"]
+        fstype = "xfs"
+        mountpoint = "/srv/tank"
+    """), "t.toml").volume("tank")
+
+
+class Boom(StorageError):
+    """An injected failure."""
+
+
+@dataclass
+class FakeKernel:
+    """Implements every port; records effects; fails where told to."""
+
+    fail: dict[str, BaseException] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+    keys_seen: list[bytes] = field(default_factory=list)
+    member_scans: list[tuple[str, ...]] = field(default_factory=list)
+    busy: list[Holder] = field(default_factory=list)
+
+    def _do(self, event: str) -> None:
+        if event in self.fail:
+            raise self.fail[event]
+        self.events.append(event)
+
+    def open(self, volume: str, layer: CryptLayer, device: str, dm_name: str,
+             key: bytes | bytearray) -> str:
+        self.keys_seen.append(bytes(key))
+        self._do(f"open {dm_name} on {device}")
+        return f"/dev/mapper/{dm_name}"
+
+    def close(self, dm_name: str) -> None:
+        self._do(f"close {dm_name}")
+
+    def assemble(self, label: str, md_name: str, uuid: str, members: Sequence[str],
+                 *, run: bool) -> str:
+        self._do(f"assemble {md_name} {','.join(members)} run={run}")
+        return f"/dev/md/{md_name}"
+
+    def start(self, label: str, device: str) -> None:
+        self._do(f"start {device}")
+
+    def stop(self, label: str, device: str) -> None:
+        self._do(f"stop {device}")
+
+    def mount(self, label: str, source: str, mountpoint: str, fstype: str,
+              options: Sequence[str]) -> None:
+        self._do(f"mount {source} {mountpoint}")
+
+    def unmount(self, label: str, mountpoint: str) -> None:
+        self._do(f"umount {mountpoint}")
+
+    def attach(self, label: str, image: str, *, read_only: bool) -> str:
+        self._do(f"attach {image}")
+        return "/dev/loop0"
+
+    def detach(self, label: str, device: str) -> None:
+        self._do(f"detach {device}")
+
+    def holders(self, paths: Sequence[str]) -> list[Holder]:
+        self.events.append(f"holders {' '.join(paths)}")
+        return [h for h in self.busy
+                if any(h.path == p or h.path.startswith(p + "/") for p in paths)]
+
+    def observe(self, volumes: Sequence[Volume], *, members: bool = True) -> ObservedState:
+        devices = self.member_scans.pop(0) if len(self.member_scans) > 1 else \
+            self.member_scans[0]
+        return ObservedState(raid_members=(RaidMembers(UUID, 3, devices),))
+
+
+class Services:
+    def __init__(self, kernel: FakeKernel) -> None:
+        self.kernel = kernel
+
+    def stop(self, units: Sequence[str]) -> None:
+        self.kernel.events.append(f"systemctl stop {' '.join(units)}")
+
+    def start(self, units: Sequence[str]) -> None:
+        self.kernel.events.append(f"systemctl start {' '.join(units)}")
+
+
+class Keys:
+    def __init__(self) -> None:
+        self.handed_out: list[bytearray] = []
+
+    def key(self, volume: str, name: str, layer: CryptLayer) -> bytearray:
+        buffer = bytearray(f"key:{volume}/{name}".encode())
+        self.handed_out.append(buffer)
+        return buffer
+
+
+@dataclass
+class Clock:
+    now: float = 0.0
+    slept: list[float] = field(default_factory=list)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def started(self, text: str) -> None:
+        self.lines.append(f"start {text}")
+
+    def finished(self, text: str, seconds: float) -> None:
+        self.lines.append(f"done {text}")
+
+
+def executor(kernel: FakeKernel, keys: Keys | None = None, clock: Clock | None = None,
+             progress: Progress | None = None) -> Executor:
+    clock = clock or Clock()
+    return Executor(Storage(kernel, kernel, kernel, kernel), keys or Keys(), kernel, kernel,
+                    Services(kernel), progress or Progress(), clock, clock.sleep)
+
+
+FULL = ObservedState(raid_members=(RaidMembers(UUID, 3, ("/dev/sdb", "/dev/sdc", "/dev/sdd")),))
+
+
+def test_unlock_runs_every_step_and_passes_devices_upwards() -> None:
+    kernel, keys, progress = FakeKernel(), Keys(), Progress()
+    devices = executor(kernel, keys, progress=progress).unlock(volume(),
+                                                              plan_unlock(volume(), FULL))
+    assert kernel.events == [
+        "assemble keyd-tank-md0 /dev/sdb,/dev/sdc,/dev/sdd run=False",
+        "open keyd-tank-crypt0 on /dev/md/keyd-tank-md0",
+        "mount /dev/mapper/keyd-tank-crypt0 /srv/tank"]
+    assert devices == {"md0": "/dev/md/keyd-tank-md0",
+                       "crypt0": "/dev/mapper/keyd-tank-crypt0",
+                       "data": "/dev/mapper/keyd-tank-crypt0"}
+    assert kernel.keys_seen == [b"key:tank/crypt0"]
+    assert keys.handed_out == [bytearray(len(b"key:tank/crypt0"))]  # wiped after use
+    assert progress.lines == [
+        "start assembling md0 as /dev/md/keyd-tank-md0",
+        "done assembling md0 as /dev/md/keyd-tank-md0",
+        "start opening luks layer crypt0 as keyd-tank-crypt0 (key derivation may take a while)",
+        "done opening luks layer crypt0 as keyd-tank-crypt0 (key derivation may take a while)"]
+
+
+def test_failure_in_the_top_layer_rolls_back_this_run_in_reverse() -> None:
+    kernel = FakeKernel(fail={"mount /dev/mapper/keyd-tank-crypt0 /srv/tank": Boom("no fs")})
+    with pytest.raises(Boom, match="no fs") as info:
+        executor(kernel).unlock(volume(), plan_unlock(volume(), FULL))
+    assert kernel.events[-2:] == ["close keyd-tank-crypt0", "stop /dev/md/keyd-tank-md0"]
+    assert info.value.rollback_failures == []  # type: ignore[attr-defined]
+
+
+def test_rollback_leaves_alone_what_was_open_before_the_run() -> None:
+    plan = Plan("tank", (OpenCrypt("tank", volume().layer("crypt0"),  # type: ignore[arg-type]
+                                   "keyd-tank-crypt0", LayerRef("md0")),
+                         Mount("data", LayerRef("crypt0"), "/srv/tank", "xfs", ())),
+                {"md0": "/dev/md127"})
+    kernel = FakeKernel(fail={"mount /dev/mapper/keyd-tank-crypt0 /srv/tank": Boom("x")})
+    with pytest.raises(Boom):
+        executor(kernel).unlock(volume(), plan)
+    assert kernel.events == ["open keyd-tank-crypt0 on /dev/md127", "close keyd-tank-crypt0"]
+
+
+def test_rollback_failures_are_attached_never_masking_the_error() -> None:
+    kernel = FakeKernel(fail={"mount /dev/mapper/keyd-tank-crypt0 /srv/tank": Boom("no fs"),
+                              "close keyd-tank-crypt0": StorageError("still busy")})
+    with pytest.raises(Boom) as info:
+        executor(kernel).unlock(volume(), plan_unlock(volume(), FULL))
+    failures = info.value.rollback_failures  # type: ignore[attr-defined]
+    assert [str(f) for f in failures] == ["still busy"]
+    assert any("rollback: closing keyd-tank-crypt0 failed" in n for n in info.value.__notes__)
+    assert kernel.events[-1] == "stop /dev/md/keyd-tank-md0"  # kept going
+
+
+def test_wrong_key_closes_the_array_this_run_assembled() -> None:
+    kernel = FakeKernel(fail={"open keyd-tank-crypt0 on /dev/md/keyd-tank-md0":
+                              KeyRejected("wrong key for volume tank (cryptsetup exit 2)")})
+    with pytest.raises(KeyRejected):
+        executor(kernel).unlock(volume(), plan_unlock(volume(), FULL))
+    assert kernel.events[-1] == "stop /dev/md/keyd-tank-md0"
+
+
+def test_interrupt_also_rolls_back() -> None:
+    kernel = FakeKernel(fail={"mount /dev/mapper/keyd-tank-crypt0 /srv/tank":
+                              KeyboardInterrupt()})
+    with pytest.raises(KeyboardInterrupt):
+        executor(kernel).unlock(volume(), plan_unlock(volume(), FULL))
+    assert "close keyd-tank-crypt0" in kernel.events
+
+
+def test_plain_layer_that_does_not_mount_suggests_a_wrong_key() -> None:
+    kernel = FakeKernel(fail={"mount /dev/mapper/keyd-tank-crypt0 /srv/tank":
+                              StorageError("bad superblock")})
+    with pytest.raises(KeyRejected, match="wrong key for volume tank") as info:
+        executor(kernel).unlock(volume("plain"), plan_unlock(volume("plain"), FULL))
+    assert "offset" in str(info.value.fix) and "close keyd-tank-crypt0" in kernel.events
+
+
+def test_wait_for_members_uses_the_late_disk_when_it_appears() -> None:
+    kernel = FakeKernel(member_scans=[("/dev/sdb", "/dev/sdc"), ("/dev/sdb", "/dev/sdc"),
+                                      ("/dev/sdb", "/dev/sdc", "/dev/sdd")])
+    clock = Clock()
+    plan = Plan("tank", (WaitForMembers("md0", UUID, 3, 5.0),
+                         AssembleRaid("md0", UUID, "keyd-tank-md0", ("/dev/sdb", "/dev/sdc"),
+                                      run=True)))
+    executor(kernel, clock=clock).unlock(volume(), plan)
+    assert clock.slept == [1.0, 1.0]
+    assert kernel.events == ["assemble keyd-tank-md0 /dev/sdb,/dev/sdc,/dev/sdd run=True"]
+
+
+def test_wait_for_members_gives_up_at_the_deadline_and_starts_degraded() -> None:
+    kernel = FakeKernel(member_scans=[("/dev/sdb", "/dev/sdc")])
+    clock = Clock()
+    plan = Plan("tank", (WaitForMembers("md0", UUID, 3, 2.5),
+                         AssembleRaid("md0", UUID, "keyd-tank-md0", (), run=True)))
+    executor(kernel, clock=clock).unlock(volume(), plan)
+    assert sum(clock.slept) == pytest.approx(2.5)
+    assert kernel.events == ["assemble keyd-tank-md0 /dev/sdb,/dev/sdc run=True"]
+
+
+def test_started_inactive_array_is_not_stopped_on_rollback() -> None:
+    plan = Plan("tank", (StartRaid("md0", "/dev/md127"),
+                         OpenCrypt("tank", volume().layer("crypt0"),  # type: ignore[arg-type]
+                                   "keyd-tank-crypt0", LayerRef("md0"))))
+    kernel = FakeKernel(fail={"open keyd-tank-crypt0 on /dev/md127": Boom("x")})
+    with pytest.raises(Boom):
+        executor(kernel).unlock(volume(), plan)
+    assert kernel.events == ["start /dev/md127"]
+
+
+LOCK = Plan("tank", (Unmount("data", "/srv/tank"), CloseCrypt("crypt0", "keyd-tank-crypt0"),
+                     StopRaid("md0", "/dev/md127")))
+
+
+def test_lock_closes_top_down_when_nothing_holds_it() -> None:
+    kernel = FakeKernel()
+    executor(kernel).lock(volume(), LOCK, ObservedState())
+    assert kernel.events == ["holders /srv/tank /dev/mapper/keyd-tank-crypt0 /dev/md127",
+                             "umount /srv/tank", "close keyd-tank-crypt0", "stop /dev/md127"]
+
+
+def test_busy_lock_lists_pids_and_changes_nothing() -> None:
+    kernel = FakeKernel(busy=[Holder(4242, "bash", "cwd in", "/srv/tank/docs")])
+    with pytest.raises(VolumeBusy) as info:
+        executor(kernel).lock(volume(), LOCK, ObservedState())
+    assert "pid 4242 (bash): cwd in /srv/tank/docs" in str(info.value)
+    assert info.value.exit_code == 5 and "never kills" in str(info.value.fix)
+    assert [e for e in kernel.events if not e.startswith("holders")] == []
+
+
+def test_force_stops_the_configured_services_first_but_never_kills() -> None:
+    kernel = FakeKernel(busy=[Holder(7, "smbd", "cwd in", "/srv/tank")])
+    with pytest.raises(VolumeBusy):
+        executor(kernel).lock(volume(), LOCK, ObservedState(), force=True)
+    assert kernel.events[0] == "systemctl stop smbd.service"
+    kernel.busy.clear()
+    executor(kernel).lock(volume(), LOCK, ObservedState(), force=True)
+    assert kernel.events[-1] == "stop /dev/md127"
+
+
+def test_a_foreign_mount_inside_the_volume_blocks_the_lock() -> None:
+    inner = MountEntry(60, 40, "8:1", "/", "/srv/tank/usb", "vfat", "/dev/sdz1")
+    with pytest.raises(VolumeBusy, match="/dev/sdz1 is mounted at /srv/tank/usb"):
+        executor(FakeKernel()).lock(volume(), LOCK, ObservedState(mounts=(inner,)))
+
+
+def test_lock_failure_midway_surfaces_the_error() -> None:
+    kernel = FakeKernel(fail={"close keyd-tank-crypt0": StorageError("held")})
+    with pytest.raises(StorageError, match="held"):
+        executor(kernel).lock(volume(), LOCK, ObservedState())
+    assert "stop /dev/md127" not in kernel.events
+
+
+def test_fuse_driver_holding_its_own_device_does_not_block_the_lock() -> None:
+    fuse_mount = MountEntry(40, 1, "253:0", "/", "/srv/tank", "fuseblk",
+                            "/dev/mapper/keyd-tank-crypt0", source_kname="dm-0")
+    mapping = DmMapping("dm-0", "keyd-tank-crypt0", "CRYPT-LUKS2-x-keyd-tank-crypt0", ("md127",))
+    state = ObservedState(mounts=(fuse_mount,), dm=(mapping,))
+    driver = [Holder(77, "ntfs-3g", "open file (fd 4)", "/dev/dm-0"),
+              Holder(77, "ntfs-3g", "open file (fd 3)", "/dev/fuse")]
+    kernel = FakeKernel(busy=list(driver))
+    executor(kernel).lock(volume(), LOCK, state)
+    assert kernel.events[-1] == "stop /dev/md127"
+    kernel = FakeKernel(busy=[*driver, Holder(88, "dd", "open file (fd 0)", "/dev/dm-0")])
+    with pytest.raises(VolumeBusy, match=r"88 \(dd\)") as info:
+        executor(kernel).lock(volume(), LOCK, state)
+    assert "77" not in str(info.value)
