@@ -10,7 +10,7 @@ from pathlib import Path
 
 from keyd.lab import initramfs
 from keyd.lab.errors import LabError
-from keyd.lab.kernel import Kernel, cache_dir, ensure_kernel
+from keyd.lab.kernel import Kernel, cache_dir, ensure_kernel, extract_vmlinux
 from keyd.lab.progress import phase
 from keyd.lab.vm import QEMU
 from keyd.runner import Runner
@@ -41,6 +41,9 @@ def prepare(runner: Runner, timings: dict[str, float] | None = None) -> Artifact
     """Return the kernel and initramfs, building whatever the cache lacks."""
     check_host()
     kernel = ensure_kernel(runner, timings)
+    if not kernel.vmlinux.exists():
+        with phase("decompress the kernel for PVH boot", timings):
+            extract_vmlinux(kernel)
     target = kernel.root.parent / f"initramfs-{_initramfs_key()}.cpio.gz"
     if not target.exists():
         with phase("build initramfs", timings):

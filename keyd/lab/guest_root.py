@@ -68,7 +68,9 @@ ExecStart=-udevadm trigger --type=devices --action=add --sysname-match=ttyS0
 # Units a lab guest has no use for; each costs seconds under TCG.
 MASKED = ("systemd-timesyncd.service", "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount",
           "systemd-update-utmp.service", "systemd-journal-flush.service", "e2scrub_reap.service",
-          "systemd-pstore.service", "mdadm-shutdown.service", "tmp.mount")
+          "systemd-pstore.service", "mdadm-shutdown.service", "tmp.mount",
+          # The host's users and groups are already there: nothing for sysusers to create.
+          "systemd-sysusers.service")
 GENERATORS = Path("/usr/lib/systemd/system-generators")
 
 AUTOLOGIN = """\

@@ -36,6 +36,8 @@ class LabOptions:
 
     memory_mb: int = 2048
     cpus: int = 2
+    # Under TCG the plain baseline CPU boots ~3 s faster than "max" (no AVX to emulate).
+    cpu_model: str = "qemu64"
     boot_timeout: float = 180.0
     sticks_at_boot: Sequence[StickSpec] = ()
     shell: bool = False
@@ -270,9 +272,9 @@ def qemu_argv(kernel: Kernel, initramfs: Path, run_dir: Path, options: LabOption
                        "usb-storage.delay_use=0 systemd.show_status=auto",
                        f"keydlab.modules={kernel.modules} keydlab.overlay={run_dir / 'overlay'}",
                        options.extra_append]).strip()
-    argv = [QEMU, "-machine", "pc,accel=tcg", "-cpu", "max", "-smp", str(options.cpus),
+    argv = [QEMU, "-machine", "pc,accel=tcg", "-cpu", options.cpu_model, "-smp", str(options.cpus),
             "-m", str(options.memory_mb), "-nodefaults", "-no-user-config", "-display", "none",
-            "-no-reboot", "-kernel", str(kernel.vmlinuz), "-initrd", str(initramfs), "-append", append,
+            "-no-reboot", "-kernel", str(kernel.vmlinux), "-initrd", str(initramfs), "-append", append,
             "-chardev", f"socket,id=con,path={run_dir}/console.sock,server=on,wait=off,"
                         f"logfile={run_dir}/console.log",
             "-serial", "chardev:con",
