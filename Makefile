@@ -10,9 +10,11 @@ all: test
 
 deps: apt venv
 
-# Installs only what is missing, so a second run costs a dpkg query.
+# Installs only what is missing, so a second run costs a dpkg query. Empty apt lists
+# (a fresh box) also trigger an update: the lab resolves its kernel through apt.
 apt:
 	@command -v $(PY_SYS) >/dev/null || { apt-get update -qq && apt-get install -y -qq python3; }
+	@apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]' || apt-get update -qq
 	@pkgs="$$($(PY_SYS) -m keyd.programs --apt)"; \
 	missing=$$(for p in $$pkgs; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
