@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
+import pytest
+
+from keyd.lab.build import Artifacts, new_run_dir
+from keyd.lab.errors import BootTimeout, QmpError
 from keyd.lab.guest_root import UDEV_AT_BOOT
 from keyd.lab.media import StickSpec, build_stick
-from keyd.lab.vm import Lab
+from keyd.lab.vm import Lab, LabOptions
 from keyd.runner import SubprocessRunner
 
 from .conftest import BOOT_STICK_SERIAL, GuestLab
@@ -116,3 +121,20 @@ def test_guest_sees_this_checkout_unchanged(guest: GuestLab) -> None:
     here = Path(__file__).resolve()
     digest = guest.check(["sha256sum", str(here)]).stdout.split()[0]
     assert digest == hashlib.sha256(here.read_bytes()).hexdigest()
+
+
+def test_a_refused_qmp_command_shows_qemus_own_error(lab: Lab) -> None:
+    with pytest.raises(QmpError) as error:
+        lab.qmp.execute("device_add", driver="no-such-device", id="bogus")
+    assert "no-such-device" in str(error.value)
+
+
+def test_a_guest_that_misses_its_boot_deadline_is_killed_and_its_console_shown(
+        lab_artifacts: Artifacts) -> None:
+    run_dir = new_run_dir("deadline")
+    with pytest.raises(BootTimeout) as error:
+        Lab.boot(lab_artifacts.kernel, lab_artifacts.initramfs, run_dir, LabOptions(boot_timeout=4))
+    pid = int((run_dir / "qemu.pid").read_text())
+    assert not Path(f"/proc/{pid}").exists()
+    assert "last console lines" in str(error.value)
+    shutil.rmtree(run_dir)
