@@ -33,6 +33,8 @@ PROGRAMS: dict[str, Program] = {p.name: p for p in (
     Program("gpgconf", "gpgconf"),
     Program("udevadm", "udev"),
     Program("systemctl", "systemd"),
+    Program("journalctl", "systemd"),
+    Program("systemd-tmpfiles", "systemd"),
     Program("systemd-ask-password", "systemd"),
     Program("mkfs.xfs", "xfsprogs", ("-V",)),
     Program("mkfs.ext4", "e2fsprogs", ("-V",)),

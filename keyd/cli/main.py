@@ -18,7 +18,8 @@ from keyd import __version__
 from keyd.errors import KeydError, user_message
 
 # Command modules, in the order their verbs appear in --help.
-COMMAND_MODULES = ("keyd.cli.volume_commands", "keyd.cli.trust_commands")
+COMMAND_MODULES = ("keyd.cli.volume_commands", "keyd.cli.trust_commands", "keyd.cli.audit_commands",
+                   "keyd.cli.daemon_commands")
 
 EXIT_CODES = """exit status:
   0  success

@@ -1,0 +1,107 @@
+"""Production implementations of the daemon's ports: trust pipeline, passphrase prompt, systemd units."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from keyd.daemon.uevents import StickInfo
+from keyd.errors import KeydError, ProgramError
+from keyd.runner import Runner
+from keyd.trust.errors import TrustError
+from keyd.trust.gpg import GnuPG
+from keyd.trust.secret import SecretBytes
+from keyd.trust.settings import TrustSettings
+from keyd.trust.stick_mount import StickMounter
+from keyd.trust.verify import StickIdentity, StickReport, Verifier, commit, load_state, refused
+
+log = logging.getLogger("keyd.daemon")
+
+
+class TrustChecker:
+    """Mount the stick read-only and privately, read its bundle, unmount, verify it."""
+
+    def __init__(self, runner: Runner, settings: TrustSettings) -> None:
+        self.settings = settings
+        self.mounter = StickMounter(runner, run_dir=settings.run_dir,
+                                    filesystems=settings.filesystems, limits=settings.limits)
+
+    def check(self, stick: StickInfo) -> StickReport:
+        """See StickChecker.check; every trust failure becomes a refusal report."""
+        if not self.settings.signers:
+            return StickReport(None, "no signer is pinned in [trust] signers: nothing is trusted")
+        try:
+            read = self.mounter.read(stick.devnode, stick.fstype)
+            log.info("stick %s was mounted for %.3f s", stick.devnode, read.mounted_seconds)
+            gpg = GnuPG(self.settings.gnupghome)
+            with read.bundle:
+                return Verifier(gpg, self.settings.signers, decryptor=gpg).verify(
+                    read.bundle, StickIdentity(stick.serial, stick.fs_uuid),
+                    load_state(self.settings))
+        except TrustError as exc:
+            return refused(exc)
+
+    def commit(self, report: StickReport) -> None:
+        """See StickChecker.commit."""
+        commit(report, self.settings)
+
+
+class AskPassword:
+    """Asks through ``systemd-ask-password`` (console, wall, or ``systemd-tty-ask-password-agent``)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def ask(self, volume: str, timeout: float) -> SecretBytes | None:
+        """See PassphraseAsker.ask; the reply is read from the program's stdout."""
+        argv = ["systemd-ask-password", f"--id=keyd:{volume}", f"--timeout={max(1, int(timeout))}",
+                "--icon=drive-harddisk", "--no-tty", "-n",
+                f"Passphrase for keyd volume {volume}:"]
+        try:
+            done = self.runner.run(argv, timeout=timeout + 10)
+        except ProgramError as exc:
+            log.warning("no passphrase for %s: %s", volume, exc.message)
+            return None
+        # The runner hands stdout back as text; it is turned into a wipeable buffer at once.
+        return SecretBytes(done.stdout.encode("utf-8"))
+
+
+class SystemdUnits:
+    """Starts and stops units through systemd's D-Bus API (org.freedesktop.systemd1.Manager)."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+        self.manager: Any = None  # looked up on first use: systemd may start after us
+
+
+    def start(self, unit: str) -> None:
+        """Queue a start job (mode "replace"); see UnitManager."""
+        self._call("StartUnit", unit)
+
+    def stop(self, unit: str) -> None:
+        """Queue a stop job (mode "replace"); see UnitManager."""
+        self._call("StopUnit", unit)
+
+    def _call(self, method: str, unit: str) -> None:
+        try:
+            if self.manager is None:
+                self.manager = self.bus.get("org.freedesktop.systemd1", "/org/freedesktop/systemd1")
+            getattr(self.manager, method)(unit, "replace")
+        except Exception as exc:  # GLib.Error from D-Bus: the unit is unknown, masked, ...
+            raise KeydError(f"systemd refused {method} {unit}: {exc}",
+                            fix=f"check `systemctl status {unit}`") from None
+
+
+class SystemctlUnits:
+    """Units through ``systemctl`` (when keyd runs without a system bus, e.g. --no-dbus)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def start(self, unit: str) -> None:
+        """``systemctl start --no-block UNIT``."""
+        self.runner.run(["systemctl", "start", "--no-block", "--", unit], timeout=60)
+
+    def stop(self, unit: str) -> None:
+        """``systemctl stop --no-block UNIT``."""
+        self.runner.run(["systemctl", "stop", "--no-block", "--", unit], timeout=60)

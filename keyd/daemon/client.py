@@ -1,0 +1,249 @@
+"""keydctl's side of the D-Bus API: talk to a running keyd, or say there is none.
+
+``connect()`` returns None when no daemon owns ``org.keyd.Keyd1`` (or there is
+no system bus), so keydctl falls back to direct mode. Keys go to the daemon in
+a memfd passed as a UnixFD, never in the message body.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from gi.repository import Gio, GLib
+
+from keyd.daemon.dbus_api import BUS_NAME, INTERFACE, OBJECT_PATH
+from keyd.errors import KeydError
+
+BusFactory = Callable[[], Any]
+FINAL_STATES = frozenset({"unlocked", "locked", "failed", "waiting-for-key",
+                          "waiting-for-members"})
+CALL_TIMEOUT_MS = 30_000
+_REMOTE = "GDBus.Error:"
+
+
+class DaemonError(KeydError):
+    """keyd refused or failed a request; the message is the daemon's."""
+
+
+class DaemonAccessDenied(DaemonError):
+    """The caller may not change volume states."""
+
+
+class DaemonNoSuchVolume(DaemonError):
+    """The daemon has no such volume."""
+
+    exit_code = 3
+
+
+class DaemonBadRequest(DaemonError):
+    """The request was malformed."""
+
+    exit_code = 2
+
+
+class DaemonKeyRejected(DaemonError):
+    """The daemon tried the key and it did not open the volume."""
+
+    exit_code = 6
+
+
+class DaemonBusy(DaemonError):
+    """The daemon could not lock the volume: processes still use it."""
+
+    exit_code = 5
+
+
+_ERRORS: dict[str, type[DaemonError]] = {
+    "org.keyd.Keyd1.Error.AccessDenied": DaemonAccessDenied,
+    "org.freedesktop.DBus.Error.AccessDenied": DaemonAccessDenied,  # refused by the bus policy
+    "org.keyd.Keyd1.Error.NoSuchVolume": DaemonNoSuchVolume,
+    "org.keyd.Keyd1.Error.BadRequest": DaemonBadRequest,
+}
+
+
+def system_bus() -> Any:
+    """The system bus (pydbus)."""
+    import pydbus  # noqa: PLC0415 (only when a bus is actually wanted)
+    return pydbus.SystemBus()
+
+
+def bus_at(address: str) -> BusFactory:
+    """A bus factory for a private bus (tests, the lab)."""
+    def factory() -> Any:
+        import pydbus  # noqa: PLC0415
+        return pydbus.connect(address)
+    return factory
+
+
+def translate_error(error: Exception) -> KeydError:
+    """A D-Bus error ("GDBus.Error:NAME: message") as a KeydError with the daemon's message."""
+    text = str(getattr(error, "message", None) or error)
+    name = ""
+    if text.startswith(_REMOTE):
+        name, _, text = text[len(_REMOTE):].partition(": ")
+    cls = _ERRORS.get(name, DaemonError)
+    first = text.splitlines()[0] if text else "keyd failed the request"
+    return cls(first, fix="run as root or as a member of keyd's admin group"
+               if cls is DaemonAccessDenied else None)
+
+
+def _memfd_with(key: bytes | bytearray) -> int:
+    fd = os.memfd_create("keyd-key", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(key)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class KeydClient:
+    """A connection to the running daemon."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+        self.proxy = bus.get(BUS_NAME, OBJECT_PATH)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self.proxy, method)(*args)
+        except GLib.Error as exc:
+            raise translate_error(exc) from None
+
+    def list_volumes(self) -> list[tuple[str, str, str]]:
+        """(name, state, detail) per volume."""
+        return [(str(a), str(b), str(c)) for a, b, c in self._call("ListVolumes")]
+
+    def get_volume(self, volume: str) -> dict[str, str]:
+        """The daemon's properties of one volume."""
+        return dict(self._call("GetVolume", volume))
+
+    def lock(self, volume: str) -> str:
+        """Ask for a lock; returns the state right after (see :meth:`wait`)."""
+        return str(self._call("Lock", volume))
+
+    def unlock_passphrase(self, volume: str, passphrase: str) -> str:
+        """Unlock with a passphrase."""
+        return str(self._call("UnlockWithPassphrase", volume, passphrase))
+
+    def unlock_key(self, volume: str, key: bytes | bytearray) -> str:
+        """Unlock with key bytes, handed over in a memfd (UnixFD), not in the message."""
+        fd = _memfd_with(key)
+        try:
+            fds = Gio.UnixFDList.new_from_array([os.dup(fd)])
+            reply, _ = self.bus.con.call_with_unix_fd_list_sync(
+                BUS_NAME, OBJECT_PATH, INTERFACE, "Unlock", GLib.Variant("(sh)", (volume, 0)),
+                GLib.VariantType.new("(s)"), Gio.DBusCallFlags.NONE, CALL_TIMEOUT_MS, fds, None)
+        except GLib.Error as exc:
+            raise translate_error(exc) from None
+        finally:
+            os.close(fd)
+        return str(reply.unpack()[0])
+
+    def wait(self, volume: str, *, until: Iterable[str] = FINAL_STATES,
+             timeout: float = 300.0,
+             done: Callable[[str, str], bool] | None = None) -> tuple[str, str]:
+        """Wait until the volume's (state, detail) is in ``until`` (or ``done`` says so)."""
+        wanted = set(until)
+        finished = done or (lambda state, _detail: state in wanted)
+        seen: list[tuple[str, str]] = []
+        subscription = self.proxy.StateChanged.connect(
+            lambda name, state, detail: seen.append((state, detail)) if name == volume else None)
+        try:
+            last = self._current(volume)
+            deadline = time.monotonic() + timeout
+            context = GLib.MainContext.default()
+            while not finished(*last):
+                if seen:
+                    last = seen.pop(0)
+                    continue
+                if time.monotonic() >= deadline:
+                    raise DaemonError(f"volume {volume} is still {last[0]} after {timeout:g} s",
+                                      fix=f"see `keydctl audit --volume {volume}`")
+                _iterate(context, deadline)
+            return last
+        finally:
+            subscription.disconnect()
+
+    def _current(self, volume: str) -> tuple[str, str]:
+        info = self.get_volume(volume)
+        detail = info.get("detail", "")
+        if info.get("key_timed_out") == "true" and not detail.startswith("key-timeout"):
+            detail = f"key-timeout: dependents {info.get('dependents', 'skip')}"
+        return info["state"], detail
+
+
+def _iterate(context: Any, deadline: float) -> None:
+    """Run the main context once, waking up by the deadline at the latest."""
+    wake = GLib.timeout_add(max(1, int((deadline - time.monotonic()) * 1000)), lambda: False)
+    context.iteration(True)
+    source = context.find_source_by_id(wake)
+    if source is not None and not source.is_destroyed():
+        source.destroy()
+
+
+def connect(bus_factory: BusFactory = system_bus) -> KeydClient | None:
+    """A client if keyd is running; None if it is not (or there is no bus): use direct mode."""
+    try:
+        bus = bus_factory()
+        if not bus.dbus.NameHasOwner(BUS_NAME):
+            return None
+        return KeydClient(bus)
+    except GLib.Error:
+        return None
+
+
+def choose(direct: bool, bus_factory: BusFactory = system_bus) -> KeydClient | None:
+    """The daemon to go through, or None for direct mode (``--direct``, or no keyd running)."""
+    return None if direct else connect(bus_factory)
+
+
+def unlock_outcome(volume: str, state: str, detail: str) -> str:
+    """keydctl's verdict on where an unlock through the daemon ended; raises on failure."""
+    if state == "unlocked":
+        return f"volume {volume} unlocked"
+    if detail == "wrong key":
+        raise DaemonKeyRejected(f"wrong key for volume {volume}",
+                                fix=f"see `keydctl audit --volume {volume}`")
+    if state == "waiting-for-members":
+        raise DaemonError(f"volume {volume}: RAID members or devices are missing; keyd keeps "
+                          "the key and unlocks when they appear",
+                          fix="connect the missing disks (see `keydctl status`)")
+    raise DaemonError(f"volume {volume} was not unlocked ({state}): {detail or 'no reason given'}",
+                      fix=f"see `keydctl audit --volume {volume}`")
+
+
+def lock_outcome(volume: str, state: str, detail: str) -> str:
+    """keydctl's verdict on where a lock through the daemon ended; raises on failure."""
+    if state == "locked":
+        return f"volume {volume} locked"
+    if state == "unlocked" and "busy" in detail:
+        raise DaemonBusy(f"volume {volume} is busy: {detail}",
+                         fix="stop those processes; keyd never kills processes")
+    raise DaemonError(f"volume {volume} was not locked ({state}): {detail or 'no reason given'}",
+                      fix=f"see `keydctl audit --volume {volume}`")
+
+
+def remote_unlock(client: KeydClient, volume: str, *, key: bytes | bytearray | None = None,
+                  passphrase: str | None = None, timeout: float = 300.0) -> str:
+    """Unlock through the daemon and wait for the outcome; returns the message to print."""
+    if key is not None:
+        client.unlock_key(volume, key)
+    elif passphrase is not None:
+        client.unlock_passphrase(volume, passphrase)
+    else:
+        raise DaemonError("no key given", fix="pass --key-file or --passphrase")
+    return unlock_outcome(volume, *client.wait(volume, timeout=timeout, until=FINAL_STATES))
+
+
+def remote_lock(client: KeydClient, volume: str, *, timeout: float = 300.0) -> str:
+    """Lock through the daemon and wait for the outcome; returns the message to print."""
+    client.lock(volume)
+    return lock_outcome(volume, *client.wait(volume, timeout=timeout,
+                                             until={"locked", "unlocked", "failed"}))

@@ -1,0 +1,376 @@
+"""The daemon's core: one state per volume, fed by udev, timers, workers and D-Bus; no I/O of its own.
+
+Everything here runs in the event loop (the :class:`~keyd.daemon.ports.Scheduler`),
+one callback at a time, so no locks are needed. Blocking work (mounting a
+stick, cryptsetup, asking a passphrase) goes to workers whose results come
+back as events. Effects of the pure machine are carried out by
+:meth:`Daemon.carry`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from keyd.audit.ids import AuditEvent as A
+from keyd.audit.record import PRIORITY_NOTICE, PRIORITY_WARNING, AuditRecord, duration_ms
+from keyd.audit.sink import AuditSink
+from keyd.config.model import Config, Volume
+from keyd.daemon import effects as ef
+from keyd.daemon import events as ev
+from keyd.daemon import workers
+from keyd.daemon.backoff import Backoff
+from keyd.daemon.keystore import KeyStore
+from keyd.daemon.machine import Locked, Locking, State, Unlocking, transition
+from keyd.daemon.policy import DaemonPolicy
+from keyd.daemon.ports import (
+    Announcer,
+    PassphraseAsker,
+    Scheduler,
+    StickChecker,
+    UnitManager,
+    VolumeEngine,
+)
+from keyd.daemon.uevents import (
+    MemberAdded,
+    MemberRemoved,
+    StickAdded,
+    StickGone,
+    StickInfo,
+    UEvent,
+)
+from keyd.errors import KeydError, user_message
+from keyd.trust.secret import SecretBytes
+from keyd.trust.verify import StickReport, Verdict
+
+log = logging.getLogger("keyd.daemon")
+
+TIMER_EVENTS: dict[ef.Timer, ev.Event] = {
+    ef.Timer.GRACE: ev.GraceExpired(), ef.Timer.KEY: ev.KeyTimeout(),
+    ef.Timer.MEMBERS: ev.MembersTimeout(), ef.Timer.LOCK_RETRY: ev.LockRetry()}
+_WARN = {A.UNLOCK_FAILED, A.LOCK_BUSY, A.LOCK_FAILED, A.BUNDLE_REJECTED, A.BACKOFF, A.DEGRADED,
+         A.KEY_TIMEOUT, A.SERVICES_FAILED, A.DBUS_DENIED}
+
+
+def target_unit(volume: str) -> str:
+    """The unit keyd starts when ``volume`` is unlocked (dependents order after it)."""
+    return f"keyd-unlocked@{volume}.target"
+
+
+class QuietAnnouncer:
+    """An :class:`Announcer` for when no D-Bus service is published."""
+
+    def state_changed(self, volume: str, state: str, detail: str) -> None:
+        """Ignore."""
+
+
+@dataclass
+class DaemonPorts:
+    """Everything outside the core, injected."""
+
+    engine: VolumeEngine
+    units: UnitManager
+    sticks: StickChecker
+    asker: PassphraseAsker
+    sink: AuditSink
+    announcer: Announcer = field(default_factory=QuietAnnouncer)
+
+
+class Daemon:
+    """Keeps each volume's state and carries out what the machine decides."""
+
+    def __init__(self, config: Config, policy: DaemonPolicy, ports: DaemonPorts,
+                 loop: Scheduler) -> None:
+        self.config = config
+        self.policy = policy
+        self.ports = ports
+        self.loop = loop
+        self.volumes: dict[str, Volume] = {v.name: v for v in config.volumes}
+        self.states: dict[str, State] = {name: Locked() for name in self.volumes}
+        self.details: dict[str, str] = dict.fromkeys(self.volumes, "")
+        self.keys = KeyStore()
+        self.backoff = Backoff(policy.backoff_base, policy.backoff_max)
+        self.sticks: dict[str, StickInfo] = {}
+        self._timers: dict[tuple[str, ef.Timer], Any] = {}
+        self._retries: dict[str, Any] = {}
+        self._checks = 0
+        self._on_settled: Callable[[], object] | None = None
+
+    # -- start-up and shutdown -------------------------------------------------------------
+
+    def start(self, present: Iterable[StickInfo],
+              on_settled: Callable[[], object] | None = None) -> None:
+        """Reconcile with the kernel, then handle the sticks already plugged in (coldplug).
+
+        ``on_settled`` runs once no stick check and no unlock or lock started here is
+        still running (the daemon's READY=1), so a headless boot with the stick in
+        has its volumes open before units ordered after keyd.service start.
+        """
+        for name, observed in self._observe().items():
+            self.dispatch(name, ev.Observed(observed))
+        for stick in present:
+            self.stick_added(stick)
+        self.audit(None, A.DAEMON_STARTED, f"keyd started with {len(self.volumes)} volume(s), "
+                   f"{len(self.sticks)} stick(s) present", result="started")
+        self._on_settled = on_settled
+        self._maybe_settled()
+
+    def busy(self) -> bool:
+        """True while a stick check, an unlock or a lock is running."""
+        return self._checks > 0 or any(isinstance(s, Unlocking | Locking)
+                                       for s in self.states.values())
+
+    def _maybe_settled(self) -> None:
+        if self._on_settled is not None and not self.busy():
+            callback, self._on_settled = self._on_settled, None
+            callback()
+
+    def _observe(self) -> dict[str, ev.ObservedKind]:
+        try:
+            reports = self.ports.engine.status(list(self.volumes.values()))
+        except Exception as exc:  # the daemon must come up even if the kernel can't be read
+            log.error("cannot read the kernel's state at start-up: %s", user_message(exc))
+            return dict.fromkeys(self.volumes, "locked")
+        found: dict[str, ev.ObservedKind] = {}
+        for report in reports:
+            opened = sum(layer.open for layer in report.layers)
+            # "conflict" with nothing open (e.g. a device not there yet) is simply locked.
+            found[report.name] = ("unlocked" if report.state.startswith("unlocked")
+                                  else "partial" if opened else "locked")
+        return found
+
+    def stop(self) -> None:
+        """Cancel every timer and wipe every key held (the stacks stay as they are)."""
+        for handle in [*self._timers.values(), *self._retries.values()]:
+            self.loop.cancel(handle)
+        self._timers.clear()
+        self._retries.clear()
+        self.keys.wipe_all()
+
+    # -- events ----------------------------------------------------------------------------
+
+    def dispatch(self, volume: str, event: ev.Event) -> None:
+        """Feed one event to one volume's machine and carry out the effects."""
+        before = self.states[volume]
+        if isinstance(event, ev.UnlockSucceeded) and isinstance(before, Unlocking):
+            self._commit(before.pending.key.ref)
+        after, effects = transition(before, event, self.policy.for_volume(volume))
+        self.states[volume] = after
+        if type(after) is not type(before):
+            log.info("volume %s: %s -> %s (%s)", volume, before.name, after.name,
+                     type(event).__name__)
+        for effect in effects:
+            self.carry(volume, effect)
+        self._maybe_settled()
+
+    def broadcast(self, event: ev.Event) -> None:
+        """Feed ``event`` to every volume."""
+        for volume in self.volumes:
+            self.dispatch(volume, event)
+
+    def handle_uevent(self, uevent: UEvent) -> None:
+        """React to one translated udev event."""
+        if isinstance(uevent, StickAdded):
+            self.stick_added(uevent.stick)
+        elif isinstance(uevent, StickGone):
+            self.stick_gone(uevent.devnode)
+        elif isinstance(uevent, MemberAdded):
+            self.broadcast(ev.MemberAdded())
+        elif isinstance(uevent, MemberRemoved):
+            self.broadcast(ev.MemberRemoved())
+
+    # -- sticks ----------------------------------------------------------------------------
+
+    def stick_added(self, stick: StickInfo) -> None:
+        """A candidate stick: check it now, or after its backoff."""
+        if self.sticks.get(stick.devnode) == stick:
+            return  # coldplug and the add event, or a change event: already handled
+        self.sticks[stick.devnode] = stick
+        self.audit(None, A.STICK_INSERTED, f"key stick {stick.key} inserted at {stick.devnode} "
+                   f"({stick.fstype})", serial=stick.key, result=stick.fstype)
+        self._try_stick(stick)
+
+    def _try_stick(self, stick: StickInfo) -> None:
+        wait = self.backoff.wait(stick.key, self.loop.now())
+        if wait > 0:
+            self.audit(None, A.BACKOFF, f"stick {stick.key} failed before: ignored for "
+                       f"{wait:.0f} s more", serial=stick.key, result="ignored",
+                       reason=f"{self.backoff.failures(stick.key)} failures")
+            self._retries[stick.devnode] = self.loop.call_later(
+                wait, lambda: self._retry_stick(stick))
+            return
+        self._checks += 1
+        self.loop.run_in_worker(lambda: self.ports.sticks.check(stick),
+                                lambda report: self._stick_checked(stick, report))
+
+    def _retry_stick(self, stick: StickInfo) -> None:
+        self._retries.pop(stick.devnode, None)
+        if self.sticks.get(stick.devnode) == stick:
+            self._try_stick(stick)
+
+    def stick_gone(self, devnode: str) -> None:
+        """A stick (or its medium) went away."""
+        stick = self.sticks.pop(devnode, None)
+        handle = self._retries.pop(devnode, None)
+        if handle is not None:
+            self.loop.cancel(handle)
+        if stick is None:
+            return
+        self.audit(None, A.STICK_REMOVED, f"key stick {stick.key} removed from {devnode}",
+                   serial=stick.key, result="removed")
+        self.broadcast(ev.StickRemoved(stick.key))
+
+    def _stick_checked(self, stick: StickInfo, report: Any) -> None:
+        self._checks -= 1
+        try:
+            self._use_report(stick, report)
+        finally:
+            self._maybe_settled()
+
+    def _use_report(self, stick: StickInfo, report: Any) -> None:
+        if not isinstance(report, StickReport):  # the worker raised: report it as a refusal
+            report = StickReport(None, f"checking the stick failed: {report}")
+            self.audit(None, A.BUNDLE_REJECTED, report.message, serial=stick.key,
+                       result="rejected", reason="INTERNAL_ERROR")
+            self._stick_failed(stick.key)
+            return
+        if report.reason is not None:
+            self.audit(None, A.BUNDLE_REJECTED, report.message, serial=stick.key,
+                       signer=report.signer, result="rejected", reason=report.reason.value)
+            self._stick_failed(stick.key)
+            return
+        accepted = [self._verdict(stick, report, verdict) for verdict in report.verdicts]
+        report.wipe()  # keys moved to the key store are separate buffers by now
+        if any(accepted):
+            self.backoff = self.backoff.succeeded(stick.key)
+        else:
+            self._stick_failed(stick.key)
+        if stick.devnode not in self.sticks:  # pulled while it was being read
+            self.broadcast(ev.StickRemoved(stick.key))
+
+    def _verdict(self, stick: StickInfo, report: StickReport, verdict: Verdict) -> bool:
+        entry = verdict.entry
+        if entry.volume not in self.volumes:
+            self.audit(entry.volume, A.BUNDLE_REJECTED, f"bundle {entry.bundle_id} is for "
+                       f"volume {entry.volume}, which is not configured", serial=stick.key,
+                       signer=report.signer, bundle_id=entry.bundle_id, result="rejected",
+                       reason="UNKNOWN_VOLUME")
+            return False
+        if not verdict.accepted or verdict.key is None:
+            reason = verdict.reason.value if verdict.reason else "REJECTED"
+            self.dispatch(entry.volume, ev.BundleRejected(stick.key, reason, entry.bundle_id))
+            return False
+        one = StickReport(None, report.message, report.signer, report.manifest, (verdict,))
+        ref = self.keys.put(SecretBytes(verdict.key.buffer), one)
+        self.audit(entry.volume, A.BUNDLE_ACCEPTED, verdict.message, serial=stick.key,
+                   signer=report.signer, bundle_id=entry.bundle_id, result="accepted")
+        self.dispatch(entry.volume, ev.KeyArrived(ref, "stick", stick.key, report.signer,
+                                                  entry.bundle_id))
+        return True
+
+    def _stick_failed(self, key: str) -> None:
+        self.backoff = self.backoff.failed(key, self.loop.now())
+        count = self.backoff.failures(key)
+        self.audit(None, A.BACKOFF, f"stick {key} failed {count} time(s) in a row: ignored for "
+                   f"{self.backoff.delay(count):.0f} s", serial=key, result="armed",
+                   reason=f"{count} failures")
+
+    def _commit(self, ref: str) -> None:
+        try:
+            held = self.keys.get(ref)
+            if held.report is not None:
+                self.ports.sticks.commit(held.report)
+        except KeyError:
+            return
+        except KeydError as exc:
+            log.error("cannot record the accepted bundle's generation: %s", user_message(exc))
+
+    # -- effects ---------------------------------------------------------------------------
+
+    def carry(self, volume: str, effect: ef.Effect) -> None:
+        """Carry out one effect the machine asked for."""
+        vol = self.volumes[volume]
+        back = lambda event: self.dispatch(volume, event)  # noqa: E731 (a result callback)
+        match effect:
+            case ef.StartUnlock(ref):
+                self.loop.run_in_worker(
+                    lambda: workers.unlock(self.ports.engine, vol, self.keys, ref), back)
+            case ef.StartLock():
+                self.loop.run_in_worker(lambda: workers.lock(self.ports.engine, vol), back)
+            case ef.AskPassphrase(timeout):
+                self.loop.run_in_background(
+                    lambda: workers.ask(self.ports.asker, self.keys, volume, timeout), back)
+            case ef.DiscardKey(ref):
+                self.keys.discard(ref)
+            case ef.ArmTimer(timer, seconds):
+                self._arm(volume, timer, seconds)
+            case ef.CancelTimer(timer):
+                handle = self._timers.pop((volume, timer), None)
+                if handle is not None:
+                    self.loop.cancel(handle)
+            case ef.StartServices():
+                self._units(volume, "start", [*vol.services, target_unit(volume)])
+            case ef.StopServices():
+                self._units(volume, "stop", [target_unit(volume), *reversed(vol.services)])
+            case ef.KeyFailed(serial):
+                self._stick_failed(serial)
+            case ef.Audit():
+                self.audit(volume, effect.event, effect.message, result=effect.result,
+                           reason=effect.reason, serial=effect.serial, signer=effect.signer,
+                           bundle_id=effect.bundle_id, seconds=effect.seconds)
+            case ef.EmitSignal(state, detail):
+                self.details[volume] = detail
+                self.ports.announcer.state_changed(volume, state, detail)
+
+    def _arm(self, volume: str, timer: ef.Timer, seconds: float) -> None:
+        old = self._timers.pop((volume, timer), None)
+        if old is not None:
+            self.loop.cancel(old)
+
+        def fire() -> None:
+            self._timers.pop((volume, timer), None)
+            self.dispatch(volume, TIMER_EVENTS[timer])
+        self._timers[(volume, timer)] = self.loop.call_later(seconds, fire)
+
+    def _units(self, volume: str, verb: str, units: list[str]) -> None:
+        for unit in units:
+            try:
+                getattr(self.ports.units, verb)(unit)
+            except KeydError as exc:
+                self.audit(volume, A.SERVICES_FAILED, f"cannot {verb} {unit}: "
+                           f"{user_message(exc)}", result=verb, reason=unit)
+
+    def audit(self, volume: str | None, event: A, message: str, *, seconds: float | None = None,
+              **fields: str | None) -> None:
+        """Write one audit record (about ``volume`` if given)."""
+        priority = PRIORITY_WARNING if event in _WARN else PRIORITY_NOTICE
+        prefix = f"volume {volume}: " if volume else ""
+        self.ports.sink.emit(AuditRecord(event, prefix + message, volume=volume,
+                                         duration_ms=duration_ms(seconds), priority=priority,
+                                         **fields))
+
+    # -- requests (D-Bus) ------------------------------------------------------------------
+
+    def volume_info(self, volume: str) -> dict[str, str]:
+        """The daemon's view of one volume (D-Bus GetVolume)."""
+        state = self.states[volume]
+        policy = self.policy.for_volume(volume)
+        mountpoint = next((layer.mountpoint for layer in self.volumes[volume].layers
+                           if layer.kind == "mount" and layer.name == self.volumes[volume].top),
+                          "")
+        return {"name": volume, "state": state.name, "detail": self.details[volume],
+                "mountpoint": mountpoint, "dependents": policy.dependents,
+                "key_timed_out": str(getattr(state, "timed_out", False)).lower(),
+                "lock_on_removal": str(policy.lock_on_removal).lower()}
+
+    def request_unlock(self, volume: str, secret: SecretBytes) -> str:
+        """Use a key given over D-Bus; returns the state right after (usually unlocking)."""
+        self.dispatch(volume, ev.KeyArrived(self.keys.put(secret), "dbus"))
+        return self.states[volume].name
+
+    def request_lock(self, volume: str, by: str) -> str:
+        """Lock on request; returns the state right after (usually locking)."""
+        self.dispatch(volume, ev.LockRequested(by))
+        return self.states[volume].name

@@ -1,0 +1,142 @@
+"""What can happen to a volume: the closed set of events the state machine consumes.
+
+Events are plain frozen data. Key material never travels in an event: an
+accepted key is represented by ``ref``, a handle into the daemon's
+:class:`~keyd.daemon.keystore.KeyStore`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+KeySourceKind = Literal["stick", "passphrase", "dbus"]
+FailureKind = Literal["key", "members", "error"]
+ObservedKind = Literal["locked", "unlocked", "partial"]
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Start-up reconciliation: what the kernel has of this volume right now."""
+
+    state: ObservedKind
+
+
+@dataclass(frozen=True)
+class KeyArrived:
+    """A key for this volume was accepted (a verified stick bundle, a passphrase, D-Bus)."""
+
+    ref: str
+    source: KeySourceKind = "stick"
+    serial: str | None = None
+    signer: str | None = None
+    bundle_id: str | None = None
+
+
+@dataclass(frozen=True)
+class BundleRejected:
+    """A stick carried a bundle for this volume that failed verification."""
+
+    serial: str | None
+    reason: str
+    bundle_id: str | None = None
+
+
+@dataclass(frozen=True)
+class UnlockSucceeded:
+    """The engine opened the stack (``changed`` False: it was already open)."""
+
+    seconds: float = 0.0
+    changed: bool = True
+
+
+@dataclass(frozen=True)
+class UnlockFailed:
+    """The engine could not open the stack; ``kind`` says whether the key or the members."""
+
+    kind: FailureKind
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class StickRemoved:
+    """A stick left the machine."""
+
+    serial: str | None
+
+
+@dataclass(frozen=True)
+class MemberAdded:
+    """A block device that may be a member of some volume appeared."""
+
+
+@dataclass(frozen=True)
+class MemberRemoved:
+    """A block device that may be a member of some volume went away."""
+
+
+@dataclass(frozen=True)
+class LockRequested:
+    """Someone (D-Bus, keydctl) asked for the volume to be locked."""
+
+    by: str = "request"
+
+
+@dataclass(frozen=True)
+class LockSucceeded:
+    """The engine closed the stack."""
+
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class LockBusy:
+    """The lock was refused because processes use the volume (``holders`` names them)."""
+
+    holders: str = ""
+
+
+@dataclass(frozen=True)
+class LockFailed:
+    """The lock failed for another reason."""
+
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class GraceExpired:
+    """The grace timer after the unlocking stick was pulled ran out."""
+
+
+@dataclass(frozen=True)
+class KeyTimeout:
+    """No key arrived within ``key_timeout`` of start-up."""
+
+
+@dataclass(frozen=True)
+class MembersTimeout:
+    """Missing RAID members did not appear within ``member_wait``."""
+
+
+@dataclass(frozen=True)
+class LockRetry:
+    """Time to try a busy lock again."""
+
+
+@dataclass(frozen=True)
+class PassphraseUnavailable:
+    """The passphrase prompt was not answered (timeout, no agent, cancelled)."""
+
+    reason: str = "no answer"
+
+
+Event = (Observed | KeyArrived | BundleRejected | UnlockSucceeded | UnlockFailed | StickRemoved
+         | MemberAdded | MemberRemoved | LockRequested | LockSucceeded | LockBusy | LockFailed
+         | GraceExpired | KeyTimeout | MembersTimeout | LockRetry | PassphraseUnavailable)
+
+ALL_EVENT_TYPES: tuple[type, ...] = (
+    Observed, KeyArrived, BundleRejected, UnlockSucceeded, UnlockFailed, StickRemoved,
+    MemberAdded, MemberRemoved, LockRequested, LockSucceeded, LockBusy, LockFailed,
+    GraceExpired, KeyTimeout, MembersTimeout, LockRetry, PassphraseUnavailable)

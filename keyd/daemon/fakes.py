@@ -1,0 +1,277 @@
+"""Small explicit fakes of the daemon's ports and a harness wiring them to a real Daemon.
+
+For unit tests and the D-Bus tests' second process (which needs them importable);
+production code never imports this module.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from keyd.audit.sink import MemorySink
+from keyd.config import Volume, parse_config
+from keyd.daemon.core import Daemon, DaemonPorts
+from keyd.daemon.policy import DaemonPolicy, VolumePolicy
+from keyd.daemon.uevents import StickInfo
+from keyd.engine.assess import LayerStatus
+from keyd.engine.errors import Holder, KeyRejected, VolumeBusy
+from keyd.engine.executor import KeySource
+from keyd.engine.service import Outcome
+from keyd.engine.status import VolumeReport
+from keyd.errors import KeydError
+from keyd.trust.errors import Reason
+from keyd.trust.manifest import KeyEntry, Manifest
+from keyd.trust.secret import SecretBytes
+from keyd.trust.verify import StickReport, Verdict
+
+CONFIG = parse_config(textwrap.dedent("""
+    [volume.tank]
+    services = ["smbd.service"]
+    [volume.tank.layer.crypt0]
+    kind = "crypt"
+    type = "luks"
+    device = "/dev/disk/by-uuid/aaaa"
+    [volume.tank.layer.data]
+    kind = "mount"
+    below = ["crypt0"]
+    fstype = "xfs"
+    mountpoint = "/srv/tank"
+
+    [volume.work]
+    [volume.work.layer.crypt1]
+    kind = "crypt"
+    type = "luks"
+    device = "/dev/disk/by-uuid/bbbb"
+"""), "keyd.toml")
+
+GOOD_KEY = b"correct horse battery staple"
+STICK = StickInfo("/dev/sdc1", "vfat", "4C530001", "1234-ABCD")
+SIGNER = "A" * 40
+
+
+class FakeLoop:
+    """A manual event loop: timers fire on :meth:`advance`, workers run on :meth:`run`."""
+
+    def __init__(self) -> None:
+        self.time = 1000.0
+        self.timers: dict[int, tuple[float, Callable[[], None]]] = {}
+        self.work: list[tuple[Callable[[], Any], Callable[[Any], None]]] = []
+        self.next_id = 0
+
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> int:
+        """Schedule ``callback`` at now + ``seconds`` (fires in :meth:`advance`)."""
+        self.next_id += 1
+        self.timers[self.next_id] = (self.time + seconds, callback)
+        return self.next_id
+
+    def cancel(self, handle: Any) -> None:
+        """Drop a scheduled callback."""
+        self.timers.pop(handle, None)
+
+    def run_in_worker(self, work: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Queue ``work``; it runs in :meth:`run`."""
+        self.work.append((work, done))
+
+    def run_in_background(self, work: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Queue ``work``; it runs in :meth:`run`."""
+        self.work.append((work, done))
+
+    def now(self) -> float:
+        """The manual clock."""
+        return self.time
+
+    def run(self) -> None:
+        """Run queued work (and the work its results queue) to completion."""
+        while self.work:
+            work, done = self.work.pop(0)
+            try:
+                result = work()
+            except Exception as exc:
+                result = exc
+            done(result)
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward, firing due timers in order, running work in between."""
+        end = self.time + seconds
+        while True:
+            due = sorted((t, h) for h, (t, _) in self.timers.items() if t <= end)
+            if not due:
+                break
+            when, handle = due[0]
+            self.time = max(self.time, when)
+            _, callback = self.timers.pop(handle)
+            callback()
+            self.run()
+        self.time = end
+
+
+@dataclass
+class FakeEngine:
+    """Volumes open when given GOOD_KEY; scripted failures by volume."""
+
+    open: set[str] = field(default_factory=set)
+    partial: set[str] = field(default_factory=set)
+    busy: list[bool] = field(default_factory=list)
+    unlock_errors: list[KeydError] = field(default_factory=list)
+    keys_seen: list[bytes] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
+
+    def unlock(self, volume: Volume, keys: KeySource, *, start_services: bool = False) -> Outcome:
+        """Open if the key is GOOD_KEY (or fail with the next scripted error)."""
+        self.calls.append(f"unlock {volume.name}")
+        if self.unlock_errors:
+            raise self.unlock_errors.pop(0)
+        layer = next(layer for layer in volume.layers if layer.kind == "crypt")
+        key = keys.key(volume.name, layer.key, layer)
+        self.keys_seen.append(bytes(key))
+        if bytes(key) != GOOD_KEY:
+            raise KeyRejected(f"wrong key for volume {volume.name}")
+        changed = volume.name not in self.open
+        self.open.add(volume.name)
+        return Outcome(volume.name, changed)
+
+    def lock(self, volume: Volume, *, force: bool = False) -> Outcome:
+        """Close, unless the next scripted busy flag says busy."""
+        self.calls.append(f"lock {volume.name}")
+        if self.busy and self.busy.pop(0):
+            raise VolumeBusy(volume.name, [Holder(42, "bash", "cwd in", "/srv/tank")])
+        self.open.discard(volume.name)
+        self.partial.discard(volume.name)
+        return Outcome(volume.name, True)
+
+    conflict: set[str] = field(default_factory=set)
+
+    def status(self, volumes: Sequence[Volume]) -> list[VolumeReport]:
+        """Reports built from the open/partial/conflict sets."""
+        return [self._report(volume) for volume in volumes]
+
+    def _report(self, volume: Volume) -> VolumeReport:
+        name = volume.name
+        bottom = LayerStatus("crypt0", "crypt", open=name in self.open | self.partial)
+        top = LayerStatus("data", "mount", open=name in self.open,
+                          problem="device missing" if name in self.conflict else None)
+        state = ("unlocked" if name in self.open else "partial" if name in self.partial
+                 else "conflict" if name in self.conflict else "locked")
+        return VolumeReport(name, state, (top, bottom), volume.services)
+
+
+@dataclass
+class FakeUnits:
+    """Records unit starts/stops; refuses the units in ``refuse``."""
+
+    calls: list[str] = field(default_factory=list)
+    refuse: set[str] = field(default_factory=set)
+
+    def start(self, unit: str) -> None:
+        """Record a start."""
+        self._call("start", unit)
+
+    def stop(self, unit: str) -> None:
+        """Record a stop."""
+        self._call("stop", unit)
+
+    def _call(self, verb: str, unit: str) -> None:
+        self.calls.append(f"{verb} {unit}")
+        if unit in self.refuse:
+            raise KeydError(f"Unit {unit} not found.")
+
+
+def entry(volume: str, bundle: str = "b-1") -> KeyEntry:
+    """A manifest entry for ``volume``."""
+    return KeyEntry(volume, bundle, f"{volume}.key", "0" * 64, 3,
+                    datetime(2026, 1, 1, tzinfo=UTC))
+
+
+def accepted(*volumes: str, key: bytes = GOOD_KEY) -> StickReport:
+    """A report accepting one key (``key``) per volume."""
+    verdicts = tuple(Verdict(entry(v), None, f"volume {v}: accepted", SecretBytes(key))
+                     for v in volumes)
+    return StickReport(None, "ok", SIGNER, Manifest(tuple(v.entry for v in verdicts)), verdicts)
+
+
+def rejected(reason: Reason = Reason.BAD_SIGNATURE) -> StickReport:
+    """A report refusing the whole stick."""
+    return StickReport(reason, f"{reason.value}: refused")
+
+
+@dataclass
+class FakeSticks:
+    """Returns the scripted report for each check; records commits."""
+
+    reports: list[StickReport] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+    committed: list[tuple[str, ...]] = field(default_factory=list)
+    handed_out: list[StickReport] = field(default_factory=list)
+
+    def check(self, stick: StickInfo) -> StickReport:
+        """The next scripted report."""
+        self.checked.append(stick.devnode)
+        report = self.reports.pop(0)
+        self.handed_out.append(report)
+        return report
+
+    def commit(self, report: StickReport) -> None:
+        """Record which volumes were committed."""
+        self.committed.append(tuple(v.entry.volume for v in report.accepted))
+
+
+@dataclass
+class FakeAsker:
+    """Answers passphrase prompts from a script."""
+
+    answers: list[bytes | None] = field(default_factory=list)
+    asked: list[tuple[str, float]] = field(default_factory=list)
+
+    def ask(self, volume: str, timeout: float) -> SecretBytes | None:
+        """The next scripted answer (None: unanswered)."""
+        self.asked.append((volume, timeout))
+        answer = self.answers.pop(0) if self.answers else None
+        return SecretBytes(answer) if answer is not None else None
+
+
+@dataclass
+class Signals:
+    """Records StateChanged signals."""
+
+    seen: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def state_changed(self, volume: str, state: str, detail: str) -> None:
+        """Record the signal."""
+        self.seen.append((volume, state, detail))
+
+
+@dataclass
+class Harness:
+    """A daemon with every fake port, for assertions."""
+
+    daemon: Daemon
+    loop: FakeLoop
+    engine: FakeEngine
+    units: FakeUnits
+    sticks: FakeSticks
+    asker: FakeAsker
+    sink: MemorySink
+    signals: Signals
+
+    def state(self, volume: str) -> str:
+        """The volume's state name."""
+        return self.daemon.states[volume].name
+
+    def events(self) -> list[str]:
+        """The audit event names so far."""
+        return self.sink.events()
+
+
+def harness(policy: DaemonPolicy | None = None, loop: Any = None,
+            **volume_policy: Any) -> Harness:
+    """A real Daemon on fake ports (and a FakeLoop unless ``loop`` is given)."""
+    policy = policy or DaemonPolicy(defaults=VolumePolicy(**volume_policy))
+    loop = loop or FakeLoop()
+    engine, units = FakeEngine(), FakeUnits()
+    sticks, asker, sink, signals = FakeSticks(), FakeAsker(), MemorySink(), Signals()
+    daemon = Daemon(CONFIG, policy, DaemonPorts(engine, units, sticks, asker, sink, signals), loop)
+    return Harness(daemon, loop, engine, units, sticks, asker, sink, signals)

@@ -1,0 +1,285 @@
+"""The daemon core with fake ports: start-up, sticks, removal, busy locks, backoff, fallback."""
+
+from __future__ import annotations
+
+from keyd.daemon.fakes import GOOD_KEY, STICK, FakeLoop, accepted, harness, rejected
+from keyd.daemon.uevents import MemberAdded, StickAdded, StickGone, StickInfo
+from keyd.engine.errors import DegradedRefused, StorageError
+from keyd.trust.errors import Reason
+from keyd.trust.secret import SecretBytes
+
+
+def test_start_up_keeps_open_volumes_and_waits_for_keys_for_the_rest() -> None:
+    h = harness()
+    h.engine.open.add("tank")
+    h.daemon.start([])
+    assert (h.state("tank"), h.state("work")) == ("unlocked", "waiting-for-key")
+    assert h.units.calls == ["start smbd.service", "start keyd-unlocked@tank.target"]
+    assert h.engine.calls == []  # nothing re-opened
+    assert h.events() == ["reconciled", "daemon-started"]
+
+
+def test_a_half_open_stack_found_at_start_up_is_rolled_back_and_audited() -> None:
+    h = harness()
+    h.engine.partial.add("work")
+    h.daemon.start([])
+    h.loop.run()
+    assert h.engine.calls == ["lock work"]
+    assert h.state("work") == "waiting-for-key"
+    assert "lock-finished" in h.events()
+
+
+def test_a_conflict_with_nothing_open_is_just_locked() -> None:
+    h = harness()
+    h.engine.conflict.add("work")
+    h.daemon.start([])
+    assert h.state("work") == "waiting-for-key" and h.engine.calls == []
+
+
+def test_coldplugged_stick_unlocks_starts_services_wipes_the_key_and_commits() -> None:
+    h = harness()
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.start([STICK])
+    h.loop.run()
+    assert h.state("tank") == "unlocked" and h.state("work") == "waiting-for-key"
+    assert h.engine.keys_seen == [GOOD_KEY]
+    assert h.units.calls == ["start smbd.service", "start keyd-unlocked@tank.target"]
+    assert len(h.daemon.keys) == 0
+    assert all(len(v.key or b"") == 0 for v in h.sticks.handed_out[0].verdicts)  # wiped
+    assert h.sticks.committed == [("tank",)]
+    assert h.events() == ["stick-inserted", "daemon-started", "bundle-accepted", "unlock-started",
+                          "unlock-finished"]
+    finished = h.sink.records[-1]
+    assert (finished.volume, finished.serial, finished.signer, finished.bundle_id) == \
+        ("tank", "4C530001", "A" * 40, "b-1")
+
+
+def test_the_same_stick_reported_twice_is_checked_once() -> None:
+    h = harness()
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.start([STICK])
+    h.daemon.handle_uevent(StickAdded(STICK))
+    h.loop.run()
+    assert h.sticks.checked == ["/dev/sdc1"]
+
+
+def test_one_stick_with_keys_for_two_volumes_unlocks_both() -> None:
+    h = harness()
+    h.sticks.reports.append(accepted("tank", "work"))
+    h.daemon.start([STICK])
+    h.loop.run()
+    assert (h.state("tank"), h.state("work")) == ("unlocked", "unlocked")
+
+
+def test_a_bundle_for_an_unconfigured_volume_is_refused_and_audited() -> None:
+    h = harness()
+    h.sticks.reports.append(accepted("nas9"))
+    h.daemon.start([STICK])
+    h.loop.run()
+    refused = [r for r in h.sink.records if r.event == "bundle-rejected"]
+    assert [r.reason for r in refused] == ["UNKNOWN_VOLUME"]
+    assert "backoff" in h.events()
+
+
+def test_a_rejected_stick_backs_off_and_is_retried_after_the_delay() -> None:
+    h = harness()
+    h.sticks.reports += [rejected(), accepted("tank")]
+    h.daemon.start([STICK])
+    h.loop.run()
+    assert h.state("tank") == "waiting-for-key"
+    h.daemon.handle_uevent(StickGone("/dev/sdc1"))
+    h.daemon.handle_uevent(StickAdded(STICK))  # re-inserted within the backoff
+    h.loop.run()
+    assert h.sticks.checked == ["/dev/sdc1"]
+    assert h.events().count("backoff") == 2
+    h.loop.advance(h.daemon.policy.backoff_base)
+    assert h.sticks.checked == ["/dev/sdc1", "/dev/sdc1"]
+    assert h.state("tank") == "unlocked"
+
+
+def test_pulling_a_stick_in_backoff_cancels_its_retry() -> None:
+    h = harness()
+    h.sticks.reports += [rejected(), rejected()]
+    h.daemon.start([STICK])
+    h.loop.run()
+    h.daemon.handle_uevent(StickGone("/dev/sdc1"))
+    other = StickInfo("/dev/sdd1", "vfat", "4C530001")
+    h.daemon.handle_uevent(StickAdded(other))
+    h.daemon.handle_uevent(StickGone("/dev/sdd1"))
+    h.loop.advance(3600)
+    assert h.sticks.checked == ["/dev/sdc1"]
+
+
+def test_a_wrong_key_counts_for_the_sticks_backoff() -> None:
+    h = harness()
+    h.sticks.reports.append(accepted("tank", key=b"wrong"))
+    h.daemon.start([STICK])
+    h.loop.run()
+    assert h.state("tank") == "waiting-for-key"
+    assert h.daemon.backoff.failures("4C530001") == 1
+    failed = next(r for r in h.sink.records if r.event == "unlock-failed")
+    assert (failed.result, failed.reason) == ("key", "WRONG_KEY")
+    assert h.sticks.committed == []
+
+
+def test_pulling_the_stick_locks_after_grace_stopping_services_first() -> None:
+    h = harness(lock_on_removal=True, grace=10)
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.start([STICK])
+    h.loop.run()
+    h.units.calls.clear()
+    h.daemon.handle_uevent(StickGone("/dev/sdc1"))
+    h.loop.advance(9)
+    assert h.state("tank") == "unlocked"
+    h.loop.advance(1)
+    assert h.state("tank") == "locked"
+    assert h.units.calls == ["stop keyd-unlocked@tank.target", "stop smbd.service"]
+    assert h.events()[-4:] == ["stick-removed", "grace-started", "lock-started", "lock-finished"]
+
+
+def test_policy_off_keeps_the_volume_unlocked_when_the_stick_is_pulled() -> None:
+    h = harness(lock_on_removal=False)
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.start([STICK])
+    h.loop.run()
+    h.daemon.handle_uevent(StickGone("/dev/sdc1"))
+    h.loop.advance(3600)
+    assert h.state("tank") == "unlocked" and "lock-started" not in h.events()
+
+
+def test_a_busy_volume_stays_unlocked_with_a_warning_signal_after_retries() -> None:
+    h = harness(lock_retries=1, lock_retry_delay=5)
+    h.engine.open.add("tank")
+    h.engine.busy += [True, True]
+    h.daemon.start([])
+    assert h.daemon.request_lock("tank", "dbus") == "locking"
+    h.loop.run()
+    h.loop.advance(5)
+    assert h.state("tank") == "unlocked" and "tank" in h.engine.open
+    assert h.engine.calls == ["lock tank", "lock tank"]
+    volume, state, detail = h.signals.seen[-1]
+    assert (volume, state) == ("tank", "unlocked") and "42 (bash)" in detail
+    assert h.daemon.volume_info("tank")["detail"] == detail
+
+
+def test_missing_members_wait_and_retry_when_a_disk_appears() -> None:
+    h = harness()
+    h.engine.unlock_errors.append(DegradedRefused("array md0 of tank: 2 of 3 members"))
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.start([STICK])
+    h.loop.run()
+    assert h.state("tank") == "waiting-for-members"
+    h.daemon.handle_uevent(MemberAdded("/dev/sdb"))
+    h.loop.run()
+    assert h.state("tank") == "unlocked" and "degraded" in h.events()
+
+
+def test_key_timeout_asks_for_the_passphrase_and_uses_it() -> None:
+    h = harness(key_timeout=30, passphrase=True, passphrase_timeout=60)
+    h.asker.answers.append(GOOD_KEY)
+    h.daemon.start([])
+    h.loop.advance(30)
+    assert ("tank", 60) in h.asker.asked
+    assert h.state("tank") == "unlocked"
+    assert "key-timeout" in h.events() and "passphrase-fallback" in h.events()
+
+
+def test_dbus_unlock_and_lock_go_through_the_machine() -> None:
+    h = harness()
+    h.daemon.start([])
+
+    assert h.daemon.request_unlock("work", SecretBytes(GOOD_KEY)) == "unlocking"
+    h.loop.run()
+    assert h.state("work") == "unlocked"
+    assert h.daemon.request_lock("work", "dbus") == "locking"
+    h.loop.run()
+    assert h.state("work") == "locked"
+
+
+def test_a_refused_unit_is_audited_and_does_not_change_the_state() -> None:
+    h = harness()
+    h.units.refuse.add("smbd.service")
+    h.engine.open.add("tank")
+    h.daemon.start([])
+    failed = [r for r in h.sink.records if r.event == "services-failed"]
+    assert [r.reason for r in failed] == ["smbd.service"] and h.state("tank") == "unlocked"
+
+
+def test_a_stick_check_that_raises_is_a_refusal_not_a_crash() -> None:
+    h = harness()
+    h.daemon.start([STICK])  # no scripted report: the fake raises IndexError
+    h.loop.run()
+    assert [r.reason for r in h.sink.records if r.event == "bundle-rejected"] == \
+        ["INTERNAL_ERROR"]
+
+
+def test_stop_wipes_held_keys_and_cancels_timers() -> None:
+    h = harness()
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.start([STICK])
+    h.loop.work = h.loop.work[:1]
+    work, done = h.loop.work.pop()
+    done(work())  # the stick was read; the unlock is queued but not run
+    assert len(h.daemon.keys) == 1
+    h.daemon.stop()
+    assert len(h.daemon.keys) == 0 and h.loop.timers == {}
+
+
+def test_stick_refusal_reason_is_audited_with_its_code() -> None:
+    h = harness()
+    h.sticks.reports.append(rejected(Reason.REPLAYED_GENERATION))
+    h.daemon.start([STICK])
+    h.loop.run()
+    assert [r.reason for r in h.sink.records if r.event == "bundle-rejected"] == \
+        ["REPLAYED_GENERATION"]
+
+
+def test_fake_loop_fires_timers_in_order() -> None:
+    loop, fired = FakeLoop(), []
+    loop.call_later(2, lambda: fired.append(2))
+    loop.call_later(1, lambda: fired.append(1))
+    loop.advance(3)
+    assert fired == [1, 2]
+
+
+def test_ready_waits_for_coldplugged_sticks_and_their_unlocks() -> None:
+    h = harness()
+    ready: list[bool] = []
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.start([STICK], on_settled=lambda: ready.append(True))
+    assert ready == []
+    work, done = h.loop.work.pop(0)
+    done(work())  # stick verified: the unlock is running now
+    assert ready == [] and h.state("tank") == "unlocking"
+    h.loop.run()
+    assert ready == [True]
+
+
+def test_ready_is_immediate_without_sticks() -> None:
+    h = harness()
+    ready: list[bool] = []
+    h.daemon.start([], on_settled=lambda: ready.append(True))
+    assert ready == [True]
+
+
+def test_a_device_not_present_yet_waits_like_missing_members() -> None:
+    h = harness()
+    h.engine.unlock_errors.append(StorageError(
+        "cannot unlock volume tank: layer crypt0: device /dev/sdb is not present"))
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.start([STICK])
+    h.loop.run()
+    assert h.state("tank") == "waiting-for-members"
+    h.daemon.handle_uevent(MemberAdded("/dev/sdb"))
+    h.loop.run()
+    assert h.state("tank") == "unlocked"
+
+
+def test_other_storage_errors_fail_with_their_code() -> None:
+    h = harness()
+    h.engine.unlock_errors.append(StorageError("mountpoint /srv/tank is used by another mount"))
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.start([STICK])
+    h.loop.run()
+    assert h.state("tank") == "failed"
+    assert [r.reason for r in h.sink.records if r.event == "unlock-failed"] == ["STORAGE_ERROR"]
