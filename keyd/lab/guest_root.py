@@ -7,6 +7,7 @@ written here, into a per-boot directory that init.sh copies into the overlay.
 from __future__ import annotations
 
 import secrets
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,8 +82,12 @@ ExecStart=-/sbin/agetty --autologin root --keep-baud 115200,57600,38400,9600 %I 
 
 
 def write_guest_root(directory: Path, *, shell: bool = False,
-                     boot_sticks: Sequence[str] = ()) -> Path:
-    """Write the per-boot overlay tree into ``directory`` and return it."""
+                     boot_sticks: Sequence[str] = (), extra_root: Path | None = None) -> Path:
+    """Write the per-boot overlay tree into ``directory`` and return it.
+
+    ``extra_root`` is a tree laid over the guest root as well (e.g. keyd's units
+    installed with ``keydctl install --root``), so a boot can start with them.
+    """
     units = directory / "etc" / "systemd" / "system"
     units.mkdir(parents=True, exist_ok=True)
     target = TARGET + ("Wants=serial-getty@ttyS0.service\n" if shell else "")
@@ -106,6 +111,8 @@ def write_guest_root(directory: Path, *, shell: bool = False,
     _write(directory / "etc" / "hostname", "keyd-lab\n")
     # The USB serials present at power-on: the snapshot waits for their block devices.
     _write(directory / "etc" / "keyd-lab" / "boot-sticks", "".join(f"{s}\n" for s in boot_sticks))
+    if extra_root is not None:
+        shutil.copytree(extra_root, directory, symlinks=True, dirs_exist_ok=True)
     return directory
 
 

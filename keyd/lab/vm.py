@@ -44,6 +44,8 @@ class LabOptions:
     # A persistent lab (keyd-lab up) outlives the command that started it.
     persistent: bool = False
     extra_append: str = ""
+    # A tree copied over the guest root before systemd starts (units, configs).
+    extra_root: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -75,7 +77,8 @@ class Lab:
         """Start QEMU and wait until the guest has reached ``keyd-lab.target``."""
         run_dir.mkdir(parents=True, exist_ok=True)
         guest_root.write_guest_root(run_dir / "overlay", shell=options.shell,
-                                    boot_sticks=[s.serial for s in options.sticks_at_boot])
+                                    boot_sticks=[s.serial for s in options.sticks_at_boot],
+                                    extra_root=options.extra_root)
         lab = cls(run_dir)
         started = time.monotonic()
         lab._spawn(qemu_argv(kernel, initramfs, run_dir, options), options.persistent)

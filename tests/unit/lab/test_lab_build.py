@@ -121,6 +121,22 @@ def test_guest_root_boots_the_lab_target_with_the_agent_and_without_host_generat
     assert not (units / "serial-getty@ttyS0.service.d").exists()
 
 
+def test_guest_root_lays_an_extra_tree_over_the_guest(tmp_path: Path) -> None:
+    extra = tmp_path / "extra"
+    (extra / "etc" / "keyd").mkdir(parents=True)
+    (extra / "etc" / "keyd" / "keyd.toml").write_text("[trust]\n")
+    (extra / "etc" / "systemd" / "system" / "multi-user.target.wants").mkdir(parents=True)
+    (extra / "etc" / "systemd" / "system" / "multi-user.target.wants" / "keyd.service").symlink_to(
+        "/usr/lib/systemd/system/keyd.service")
+
+    root = guest_root.write_guest_root(tmp_path / "overlay", extra_root=extra)
+
+    assert (root / "etc" / "keyd" / "keyd.toml").read_text() == "[trust]\n"
+    link = root / "etc" / "systemd" / "system" / "multi-user.target.wants" / "keyd.service"
+    assert link.readlink() == Path("/usr/lib/systemd/system/keyd.service")
+    assert (root / "etc" / "systemd" / "system" / "keyd-lab.target").exists()
+
+
 def test_guest_root_with_a_console_login_wants_an_autologin_getty(tmp_path: Path) -> None:
     root = guest_root.write_guest_root(tmp_path / "overlay", shell=True)
     units = root / "etc" / "systemd" / "system"
