@@ -11,15 +11,27 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from keyd import __version__
 from keyd.errors import KeydError, user_message
 
-# Command modules, in the order their verbs appear in --help.
-COMMAND_MODULES = ("keyd.cli.volume_commands", "keyd.cli.trust_commands", "keyd.cli.audit_commands",
-                   "keyd.cli.daemon_commands")
+VOLUME_COMMANDS = "keyd.cli.volume_commands"
+TRUST_COMMANDS = "keyd.cli.trust_commands"
+AUDIT_COMMANDS = "keyd.cli.audit_commands"
+DAEMON_COMMANDS = "keyd.cli.daemon_commands"
+# Each verb and the module that registers it. Only the module of the verb given is
+# imported (the daemon's D-Bus stack costs more than `status` itself); --help loads all.
+COMMANDS = {
+    "unlock": VOLUME_COMMANDS, "lock": VOLUME_COMMANDS, "status": VOLUME_COMMANDS,
+    "doctor": VOLUME_COMMANDS, "check-config": VOLUME_COMMANDS,
+    "enroll": TRUST_COMMANDS, "verify": TRUST_COMMANDS, "revoke": TRUST_COMMANDS,
+    "audit": AUDIT_COMMANDS, "install": DAEMON_COMMANDS, "wait": DAEMON_COMMANDS,
+}
+# In the order their verbs appear in --help.
+COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 
 EXIT_CODES = """exit status:
   0  success
@@ -32,8 +44,8 @@ EXIT_CODES = """exit status:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full keydctl parser, with every registered command."""
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The keydctl parser: with ``verb``, only that verb's module is loaded; else all of them."""
     parser = argparse.ArgumentParser(
         prog="keydctl",
         description="Unlock, lock and inspect the encrypted storage stacks keyd manages.",
@@ -41,31 +53,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"keydctl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each program run")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real import failure inside the module
-                raise
-            continue
-        module.register(sub)
+    for name in (COMMANDS[verb],) if verb in COMMANDS else COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
+
+
+def _verb(argv: Sequence[str]) -> str | None:
+    # The first word that is not an option; options before the verb take no value.
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run keydctl; return its exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(_verb(argv)).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="keydctl: %(message)s")
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's exit
     except KeydError as exc:
         print(f"keydctl: {user_message(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("keydctl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `keydctl status --json | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return code
 
 
