@@ -76,7 +76,11 @@ class Mounter:
               options: Sequence[str]) -> None:
         """``mount -t FSTYPE [-o OPTS] SOURCE MOUNTPOINT`` (creating the directory if missing)."""
         if self.create_mountpoints:
-            os.makedirs(mountpoint, mode=0o755, exist_ok=True)
+            try:
+                os.makedirs(mountpoint, mode=0o755, exist_ok=True)
+            except OSError as exc:  # e.g. a file where a directory should be
+                raise StorageError(f"cannot create mountpoint {mountpoint} for {label}: "
+                                   f"{exc.strerror}", fix="fix mountpoint in keyd.toml") from exc
         argv = ["mount", "-t", fstype]
         argv += ["-o", ",".join(options)] if options else []
         try:

@@ -28,6 +28,10 @@ from keyd.runner import Runner
 
 # Key derivation can be slow: VeraCrypt without a pinned PRF tries every hash.
 _TIMEOUTS = {"plain": 60.0, "luks": 300.0, "tcrypt": 600.0, "veracrypt": 600.0}
+# cryptsetup's TCRYPT code matches --hash against its own PRF names with strcmp
+# (lib/tcrypt/tcrypt.c, tcrypt_kdf[]): VeraCrypt's Streebog is "stribog512" there;
+# `--hash streebog` would silently try no PRF at all and look like a wrong passphrase.
+_TCRYPT_PRF = {"streebog": "stribog512"}
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ def open_command(volume: str, layer: CryptLayer, device: str, dm_name: str,
     options += _when(layer.backup_header, "--tcrypt-backup")
     if layer.pim is not None:
         options.append(f"--veracrypt-pim={layer.pim}")
-    options += _value("--hash", layer.hash) + _value("--cipher", layer.cipher)
+    prf = _TCRYPT_PRF.get(layer.hash, layer.hash) if layer.hash is not None else None
+    options += _value("--hash", prf) + _value("--cipher", layer.cipher)
     return OpenCommand(("cryptsetup", "open", "--type", "tcrypt", *options, *_flags(layer),
                         device, dm_name), _line(volume, layer, data))
 

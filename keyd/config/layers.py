@@ -33,6 +33,10 @@ _DEVICE_PREFIXES = {"UUID=": "/dev/disk/by-uuid/", "PARTUUID=": "/dev/disk/by-pa
                     "LABEL=": "/dev/disk/by-label/", "ID=": "/dev/disk/by-id/"}
 CRYPT_TYPES: tuple[CryptType, ...] = ("luks", "plain", "tcrypt", "veracrypt")
 TCRYPT_HASHES = ("sha512", "sha256", "whirlpool", "ripemd160", "streebog")
+# The block ciphers of TrueCrypt/VeraCrypt cipher chains (cryptsetup lib/tcrypt/tcrypt.c);
+# a pin such as "serpent-twofish-aes" names a chain, never a mode ("xts-plain64").
+TCRYPT_CIPHERS = ("aes", "serpent", "twofish", "camellia", "kuznyechik", "blowfish_le", "cast5",
+                  "des3_ede")
 PLANNED_KINDS = {"zfs": "issue 7 (ZFS pools) adds it"}
 
 
@@ -191,6 +195,11 @@ def _check_tcrypt(table: Table, layer: CryptLayer) -> None:
     if layer.hash is not None and layer.hash not in TCRYPT_HASHES:
         raise table.error("hash", f"hash = {layer.hash!r} is not a TrueCrypt/VeraCrypt PRF",
                           f"use one of: {', '.join(TCRYPT_HASHES)}")
+    if layer.cipher is not None and not set(layer.cipher.split("-")) <= set(TCRYPT_CIPHERS):
+        raise table.error("cipher", f"cipher = {layer.cipher!r} is not a TrueCrypt/VeraCrypt "
+                                    "cipher chain (the header fixes the mode)",
+                          'name the chain only, e.g. "aes" or "serpent-twofish-aes", built '
+                          f"from: {', '.join(TCRYPT_CIPHERS)}")
 
 
 def _check_common_crypt(table: Table, layer: CryptLayer) -> None:

@@ -126,6 +126,9 @@ class Executor:
         if isinstance(step, WaitForMembers):
             run.members[step.layer] = self._wait(volume, step)
             return
+        if isinstance(step, StopRaid):  # taking over an inactive array; nothing to undo
+            self.storage.raid.stop(label, step.device)
+            return
         if isinstance(step, AssembleRaid):
             members = run.members.get(step.layer, step.members)
             device = self.storage.raid.assemble(label, step.md_name, step.uuid, members,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -100,8 +101,20 @@ def parse_md_map(text: str) -> dict[str, tuple[str, str]]:
         words = line.split()
         uuid = normalize_uuid(words[2]) if len(words) >= 3 else None
         if uuid is not None:
+            if words[1].startswith("1."):
+                uuid = swap_uuid_words(uuid)
             arrays[words[0]] = (uuid, words[3] if len(words) > 3 else "")
     return arrays
+
+
+def swap_uuid_words(uuid: str) -> str:
+    """A 1.x array's UUID as mdadm's map file spells it, and back (the swap is its own inverse)."""
+    # The map file prints the UUID as four host-order ints ("%08x"); for 1.x superblocks
+    # MD_UUID prints its bytes in order, so on little-endian machines each word reads reversed
+    # (lab-verified: map "eaef7d03:..." is MD_UUID "037defea:...").
+    if sys.byteorder != "little":
+        return uuid
+    return "".join(uuid[i + j:i + j + 2] for i in range(0, 32, 8) for j in (6, 4, 2, 0))
 
 
 def parse_export(text: str) -> dict[str, str]:

@@ -222,21 +222,22 @@ def _raid_steps(volume: Volume, layer: RaidLayer, status: LayerStatus,
                            f"{layer.name} (md UUID {layer.uuid}) was found",
                            fix="connect the disks; `mdadm --examine --scan` lists what is found")
     missing = expected > present
-    start: Step
-    if array is not None:  # assembled (by udev or mdadm) but not started
-        start = StartRaid(layer.name, f"/dev/{array.kname}")
-    else:
-        start = AssembleRaid(layer.name, layer.uuid, md_name(volume.name, layer.name),
-                             devices, run=missing and layer.degraded.mode != "never")
+    # An inactive array is what udev's `mdadm --incremental` gathered from hot-plugged
+    # members. keyd stops it and assembles the members under its own name, so that it owns
+    # the array: rollback and lock stop it again (a started foreign array is left alone).
+    take_over: list[Step] = [StopRaid(layer.name, f"/dev/{array.kname}")] if array else []
+    start: list[Step] = [*take_over, AssembleRaid(
+        layer.name, layer.uuid, md_name(volume.name, layer.name), devices,
+        run=missing and layer.degraded.mode != "never")]
     if not missing or layer.degraded.mode == "always":
-        return [start]
+        return start
     if layer.degraded.mode == "never":
         raise DegradedRefused(
             f"cannot unlock volume {volume.name}: raid layer {layer.name} has {present} of "
             f"{expected} members and its degraded policy is never", fix=(
                 "connect the missing disk, or set degraded = \"always\" or "
                 "\"after=SECONDS\" for this layer in keyd.toml"))
-    return [WaitForMembers(layer.name, layer.uuid, expected, layer.degraded.seconds), start]
+    return [WaitForMembers(layer.name, layer.uuid, expected, layer.degraded.seconds), *start]
 
 
 def _members(layer: RaidLayer, observed: ObservedState,
@@ -245,7 +246,8 @@ def _members(layer: RaidLayer, observed: ObservedState,
     found = observed.members_of(layer.uuid)
     if array is not None:
         present = len(array.members)
-        return present, array.raid_disks or (found.expected if found else present), ()
+        paths = tuple(f"/dev/{member}" for member in array.members)
+        return present, array.raid_disks or (found.expected if found else present), paths
     if layer.devices:
         paths = tuple(path for path in layer.devices if path in observed.paths)
         return len(paths), found.expected if found else len(layer.devices), paths

@@ -93,6 +93,12 @@ class GuestLab:
         self._disks.append(serial)
         return path
 
+    def reattach(self, serial: str, *, sector_size: int = 512) -> str:
+        """Hot-plug again, data intact, a disk this test attached and then detached."""
+        path = self.lab.attach_disk(self.images / f"{serial}.img", serial, sector_size=sector_size)
+        self._disks.append(serial)
+        return path
+
     def detach(self, serial: str) -> None:
         """Hot-unplug a disk this test attached."""
         self.lab.detach_disk(serial)

@@ -6,7 +6,9 @@ import base64
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +27,7 @@ VOLUMES = ("tank", "media", "backup")
 
 
 @pytest.fixture(scope="module")
-def signed_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+def signed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, str]]:
     """A stick directory with signed keys for three volumes, bound to serial KEYDSTICK3."""
     runner = SubprocessRunner()
     base = tmp_path_factory.mktemp("bundle")
@@ -41,18 +43,20 @@ def signed_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
     scratch.stop_agent(runner, home)
 
 
-def probe(guest: GuestLab, device: str) -> dict[str, object]:
+def probe(guest: GuestLab, device: str) -> dict[str, Any]:
     out = guest.check([str(GUEST_PYTHON), str(PROBE), device, "/run/keyd"], timeout=120).stdout
-    return json.loads(out)
+    report: dict[str, Any] = json.loads(out)
+    return report
 
 
-def verify(directory: Path, home: Path, signer: str) -> dict[str, object]:
+def verify(directory: Path, home: Path, signer: str) -> dict[str, Any]:
     result = subprocess.run([*KEYDCTL, "verify", str(directory), "--serial", SERIAL, "--json",
                              "--signer", signer, "--gnupghome", str(home),
                              "--state-dir", str(directory.parent / "verify-state")],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    verdicts: dict[str, Any] = json.loads(result.stdout)
+    return verdicts
 
 
 def test_vfat_stick_is_mounted_private_readonly_and_unmounted_right_after_reading(
@@ -65,7 +69,7 @@ def test_vfat_stick_is_mounted_private_readonly_and_unmounted_right_after_readin
     report = probe(guest, device)
 
     assert report["fstype"] == "vfat"
-    [line] = report["while_mounted"]  # type: ignore[misc]
+    [line] = report["while_mounted"]
     fields = line.split()
     assert set(fields[5].split(",")) == {"ro", "nosuid", "nodev", "noexec", "noatime"}, line
     assert fields[4].startswith("/run/keyd/stick-")
@@ -74,7 +78,7 @@ def test_vfat_stick_is_mounted_private_readonly_and_unmounted_right_after_readin
     assert report["left_entries"] == []  # the private mount point is gone too
     # What the guest read through the stick is the whole bundle, and it verifies.
     read_back = tmp_path / "read-back"
-    for name, data in report["files"].items():  # type: ignore[union-attr]
+    for name, data in report["files"].items():
         (read_back / "keyd" / name).parent.mkdir(parents=True, exist_ok=True)
         (read_back / "keyd" / name).write_bytes(base64.b64decode(data))
     verdicts = verify(read_back, home, signer)

@@ -74,6 +74,11 @@ def test_veracrypt_with_pinned_prf_and_pim() -> None:
                             "--veracrypt-pim=485", "--hash", "sha512", "/dev/sdc", "keyd-v-vc")
 
 
+def test_veracrypt_streebog_pin_uses_cryptsetups_prf_name_stribog512() -> None:
+    command = open_command("v", replace(VERA, hash="streebog"), "/dev/sdc", "keyd-v-vc", b"pw")
+    assert command.argv[command.argv.index("--hash") + 1] == "stribog512"
+
+
 def test_plain_extras_sector_size_offsets_and_large_iv() -> None:
     layer = replace(SEED004, sector_size=4096, iv_large_sectors=True, offset=8, skip=16)
     argv = open_command("v", layer, "/dev/x", "n", b"pw").argv

@@ -133,6 +133,18 @@ def test_veracrypt_with_pim_and_pinned_prf() -> None:
     assert isinstance(vc, CryptLayer) and vc.pim == 485 and vc.hash == "sha512"
 
 
+def test_truecrypt_cipher_pin_names_a_cipher_chain() -> None:
+    config = parse("""
+        [volume.v.layer.tc]
+        kind = "crypt"
+        type = "tcrypt"
+        device = "/dev/disk/by-id/usb-disk"
+        cipher = "serpent-twofish-aes"
+    """)
+    tc = config.volume("v").layer("tc")
+    assert isinstance(tc, CryptLayer) and tc.cipher == "serpent-twofish-aes"
+
+
 def test_luks_type_aliases_and_plain_hashed_passphrase() -> None:
     config = parse("""
         [volume.a.layer.c]
@@ -241,6 +253,8 @@ def layer_error(body: str, extra: str = "") -> ConfigError:
     ("kind='crypt'\ntype='tcrypt'\ndevice='/dev/sdb'\npim=5", "pim", "VeraCrypt feature"),
     ("kind='crypt'\ntype='tcrypt'\ndevice='/dev/sdb'\nkey_size=256", "key_size", "header"),
     ("kind='crypt'\ntype='tcrypt'\ndevice='/dev/sdb'\nhash='md5'", "hash", "not a TrueCrypt"),
+    ("kind='crypt'\ntype='veracrypt'\ndevice='/dev/sdb'\ncipher='aes-xts-plain64'", "cipher",
+     "not a TrueCrypt/VeraCrypt cipher chain"),
     ("kind='crypt'\ntype='tcrypt'\ndevice='/dev/sdb'\nkey_format='binary'", "key_format",
      "passphrase"),
     ("kind='crypt'\ntype='luks'\ndevice='/dev/sdb'\nkey_format='hex'", "key_format",

@@ -277,6 +277,19 @@ def test_started_inactive_array_is_not_stopped_on_rollback() -> None:
     assert kernel.events == ["start /dev/md127"]
 
 
+def test_taking_over_an_inactive_array_stops_it_and_rollback_stops_only_the_assembled_one(
+        ) -> None:
+    plan = Plan("tank", (StopRaid("md0", "/dev/md127"),
+                         AssembleRaid("md0", UUID, "keyd-tank-md0", ("/dev/sdb", "/dev/sdc"), True),
+                         OpenCrypt("tank", volume().layer("crypt0"),  # type: ignore[arg-type]
+                                   "keyd-tank-crypt0", LayerRef("md0"))))
+    kernel = FakeKernel(fail={"open keyd-tank-crypt0 on /dev/md/keyd-tank-md0": Boom("x")})
+    with pytest.raises(Boom):
+        executor(kernel).unlock(volume(), plan)
+    assert kernel.events == ["stop /dev/md127", "assemble keyd-tank-md0 /dev/sdb,/dev/sdc run=True",
+                             "stop /dev/md/keyd-tank-md0"]
+
+
 LOCK = Plan("tank", (Unmount("data", "/srv/tank"), CloseCrypt("crypt0", "keyd-tank-crypt0"),
                      StopRaid("md0", "/dev/md127")))
 

@@ -10,11 +10,13 @@ import pytest
 
 from keyd.adapters.scripted import Reply, ScriptedRunner
 from keyd.config import Volume, parse_config
+from keyd.config.layers import md_uuid
 from keyd.engine.observe import (
     KernelObserver,
     parse_examine_scan,
     parse_md_map,
     parse_mountinfo,
+    swap_uuid_words,
     unescape,
 )
 from keyd.engine.observed import DmMapping, LoopDevice, MdArray, RaidMembers
@@ -68,7 +70,7 @@ def tree(tmp_path: Path) -> Tree:
                         ("degraded", "1"), ("sync_action", "recover"),
                         ("sync_completed", "10 / 100")):
         t.file(f"{md}/{attr}", value + "\n")
-    t.file("run/mdadm/map", f"md127 1.2 {UUID[:8]}:{UUID[8:16]}:{UUID[16:24]}:{UUID[24:]} "
+    t.file("run/mdadm/map", f"md127 1.2 {md_uuid(swap_uuid_words(UUID))} "
                             "/dev/md/keyd-tank-md0\n")
     t.block("dm-0", "253:0", slaves=("md127",))
     t.file("sys/devices/virtual/block/dm-0/dm/name", "keyd-tank-crypt0\n")
@@ -201,5 +203,17 @@ def test_mountinfo_with_several_optional_fields() -> None:
 
 def test_md_map_and_examine_parsers_skip_junk() -> None:
     assert parse_md_map("md0 1.2 nothex /dev/md/x\nshort\n") == {}
-    assert parse_md_map(f"md1 1.2 {UUID}\n") == {"md1": (UUID, "")}
+    assert parse_md_map(f"md1 1.2 {swap_uuid_words(UUID)}\n") == {"md1": (UUID, "")}
+
+
+@pytest.mark.parametrize(("line", "md_uuid_of_array"), [
+    # Seen in the lab: mdadm 4.2 map line vs `mdadm --detail --export` MD_UUID (1.2 metadata).
+    ("md127 1.2 eaef7d03:3f690382:4e2340e5:b50edd60 /dev/md/keyd-home-md",
+     "037defea:8203693f:e540234e:60dd0eb5"),
+    ("md0 0.90 6b8b4567:327b23c6:643c9869:66334873 /dev/md0",
+     "6b8b4567:327b23c6:643c9869:66334873"),
+])
+def test_md_map_uuids_are_read_as_md_uuid_spells_them(line: str, md_uuid_of_array: str) -> None:
+    [(uuid, _)] = parse_md_map(line).values()
+    assert md_uuid(uuid) == md_uuid_of_array
     assert parse_examine_scan("ARRAY /dev/md0 num-devices=x UUID=1\n") == ()

@@ -154,10 +154,12 @@ def test_no_members_found_is_a_clear_error() -> None:
         plan_unlock(seed001("always"), observed())
 
 
-def test_inactive_array_assembled_by_udev_is_started_not_reassembled() -> None:
+def test_inactive_array_gathered_by_udev_is_stopped_and_assembled_under_keyds_name() -> None:
     inactive = MdArray("md127", UUID, "", "inactive", "", 3, 0, members=("sdb", "sdc", "sdd"))
     plan = plan_unlock(seed001(), observed(md=(inactive,)))
-    assert plan.steps[0] == StartRaid("md0", "/dev/md127")
+    assert plan.steps[:2] == (
+        StopRaid("md0", "/dev/md127"),
+        AssembleRaid("md0", UUID, "keyd-tank-md0", ("/dev/sdb", "/dev/sdc", "/dev/sdd"), False))
 
 
 def test_inactive_degraded_array_follows_the_policy() -> None:
@@ -165,7 +167,11 @@ def test_inactive_degraded_array_follows_the_policy() -> None:
     with pytest.raises(DegradedRefused):
         plan_unlock(seed001("never"), observed(md=(inactive,)))
     plan = plan_unlock(seed001("always"), observed(md=(inactive,)))
-    assert plan.steps[0] == StartRaid("md0", "/dev/md127")
+    assert plan.steps[:2] == (
+        StopRaid("md0", "/dev/md127"),
+        AssembleRaid("md0", UUID, "keyd-tank-md0", ("/dev/sdb", "/dev/sdc"), True))
+    waiting = plan_unlock(seed001("after=5"), observed(md=(inactive,))).steps
+    assert [type(step) for step in waiting[:3]] == [WaitForMembers, StopRaid, AssembleRaid]
 
 
 def test_inactive_array_without_raid_disks_uses_the_superblock_count() -> None:

@@ -21,9 +21,10 @@ from keyd.adapters.retry import Retry
 from keyd.adapters.scripted import Reply, ScriptedRunner
 from keyd.adapters.system import ProcHolders, Systemctl
 from keyd.config import Volume, parse_config
+from keyd.config.layers import md_uuid
 from keyd.engine.errors import KeyRejected, VolumeBusy
 from keyd.engine.keys import MappingKeys
-from keyd.engine.observe import KernelObserver
+from keyd.engine.observe import KernelObserver, swap_uuid_words
 from keyd.engine.ports import Storage
 from keyd.engine.service import Engine
 from keyd.engine.status import render_table
@@ -77,7 +78,7 @@ class KernelTree:
                             ("degraded", "0"), ("sync_action", "idle")):
             (base / "md").mkdir(exist_ok=True)
             (base / "md" / attr).write_text(value + "\n")
-        self.write("run/mdadm/map", f"md127 1.2 {MD_UUID} {device}\n")
+        self.write("run/mdadm/map", f"md127 1.2 {md_uuid(swap_uuid_words(UUID))} {device}\n")
         self.link(device.lstrip("/"), "../md127")
         return Reply()
 

@@ -1,0 +1,183 @@
+"""Seed 003 on a real kernel: an ext3 image inside NTFS (ntfs-3g) inside a TrueCrypt volume.
+
+The stack is built from scratch in the guest the way the seed's author built
+his: tcplay makes the TrueCrypt volume, mkntfs the NTFS, mkfs.ext3 an image
+file in it. keyd (keydctl only) then opens TrueCrypt -> mounts NTFS with
+ntfs-3g (the FUSE driver the seed uses) -> attaches the image to a loop device
+-> mounts ext3, and locks in exactly the reverse order. A process working in
+the inner mount blocks the lock and is named; nothing is ever killed.
+"""
+
+from __future__ import annotations
+
+import json
+
+from keyd.lab.channel import GuestResult
+
+from .conftest import GuestLab
+from .fixtures.keydctl import TCPLAY, dm_names, findmnt, keydctl, programs_run, sha256, write_config
+
+PASSPHRASE = "work laptop 2013"
+NTFS, ROOT = "/mnt/t/winroot", "/mnt/t/debian"
+MAPPING = "keyd-work-tc"
+
+CONFIG = f"""
+[volume.work]
+description = "seed 003: Debian in an ext3 image on TrueCrypt'ed NTFS"
+
+[volume.work.layer.tc]
+kind = "crypt"
+type = "tcrypt"
+device = "{{device}}"
+
+[volume.work.layer.ntfs]
+kind = "mount"
+below = ["tc"]
+fstype = "ntfs-3g"
+mountpoint = "{NTFS}"
+
+[volume.work.layer.img]
+kind = "loop"
+below = ["ntfs"]
+image = "rootfs"
+
+[volume.work.layer.root]
+kind = "mount"
+below = ["img"]
+fstype = "ext3"
+mountpoint = "{ROOT}"
+"""
+
+# Stack built by hand (cryptsetup for the mapping, as tcplay -m would): NTFS, then an ext3
+# image in it holding one file, then everything closed again.
+BUILD = """
+mkntfs -f -Q -L WINROOT /dev/mapper/tcsetup >/dev/null
+mkdir -p /mnt/t/setup-ntfs /mnt/t/setup-root
+mount -t ntfs-3g /dev/mapper/tcsetup /mnt/t/setup-ntfs
+truncate -s 24M /mnt/t/setup-ntfs/rootfs
+mkfs.ext3 -q -F -L debian /mnt/t/setup-ntfs/rootfs
+mount -o loop /mnt/t/setup-ntfs/rootfs /mnt/t/setup-root
+echo installed-by-hand > /mnt/t/setup-root/origin
+umount /mnt/t/setup-root
+umount /mnt/t/setup-ntfs
+udevadm settle
+for i in $(seq 20); do cryptsetup close tcsetup && exit 0; sleep 0.5; done
+exit 1
+"""
+
+
+def unlock(guest: GuestLab, config: str) -> GuestResult:
+    result = keydctl(guest, "unlock", "work", "--passphrase", config=config,
+                     input=PASSPHRASE + "\n")
+    assert result.rc == 0, result
+    return result
+
+
+def build_stack(guest: GuestLab) -> tuple[str, str]:
+    """A TrueCrypt disk holding NTFS holding an ext3 image; returns (disk, config path)."""
+    disk = guest.disk("TCNTFS003", 96)
+    guest.check([*TCPLAY, "-c", "-d", disk, "-z", "-w", "-a", "RIPEMD160", "-b", "AES-256-XTS"],
+                input=PASSPHRASE + "\n", timeout=300)
+    guest.check(["cryptsetup", "open", "--type", "tcrypt", disk, "tcsetup"],
+                input=PASSPHRASE + "\n", timeout=300)
+    guest.check(["sh", "-ec", BUILD], timeout=300)
+    return disk, write_config(guest, "seed003", CONFIG.format(device=disk))
+
+
+def loops(guest: GuestLab) -> dict[str, str]:
+    """Loop device -> backing file, from losetup."""
+    out = guest.check(["losetup", "--list", "--json"]).stdout
+    return {d["name"]: d["back-file"] for d in json.loads(out or '{"loopdevices": []}')
+            ["loopdevices"]}
+
+
+def assert_nothing_open(guest: GuestLab) -> None:
+    assert findmnt(guest, ROOT) == "" and findmnt(guest, NTFS) == ""
+    assert loops(guest) == {} and dm_names(guest) == []
+    assert guest.run(["pgrep", "-x", "ntfs-3g"]).stdout == ""  # the FUSE driver has exited
+
+
+def state(guest: GuestLab, config: str) -> str:
+    result = keydctl(guest, "status", "work", "--json", config=config)
+    assert result.rc == 0, result
+    return str(json.loads(result.stdout)["volumes"][0]["state"])
+
+
+def test_stack_unlocks_bottom_up_and_locks_top_down_in_order(guest: GuestLab) -> None:
+    _, config = build_stack(guest)
+    doctor = keydctl(guest, "doctor", config=config)
+    assert doctor.rc == 0, doctor  # programs (ntfs-3g, losetup...), modules (fuse, loop...)
+
+    opened = unlock(guest, config)
+
+    assert "volume work unlocked at /mnt/t/debian" in opened.stdout
+    assert findmnt(guest, NTFS) == f"/dev/mapper/{MAPPING} fuseblk"  # ntfs-3g
+    [(loop, backing)] = loops(guest).items()
+    assert backing == f"{NTFS}/rootfs"
+    assert findmnt(guest, ROOT) == f"{loop} ext3"
+    assert guest.check(["cat", f"{ROOT}/origin"]).stdout == "installed-by-hand\n"
+    assert state(guest, config) == "unlocked"
+    guest.sh(f"head -c 2097152 /dev/urandom > {ROOT}/blob && sync")
+    digest = sha256(guest, f"{ROOT}/blob")
+
+    locked = keydctl(guest, "lock", "work", config=config)
+
+    assert locked.rc == 0, locked
+    closing = [argv for argv in programs_run(locked.stderr)
+               if argv[0] in ("umount", "losetup", "cryptsetup")]
+    assert closing[0] == ["umount", ROOT], locked.stderr
+    assert closing[1] == ["losetup", "--detach", loop], locked.stderr
+    assert closing[2] == ["umount", NTFS], locked.stderr
+    assert closing[-1] == ["cryptsetup", "close", MAPPING], locked.stderr
+    assert {tuple(argv) for argv in closing[3:]} == {("cryptsetup", "close", MAPPING)}
+    assert_nothing_open(guest)
+    assert state(guest, config) == "locked"
+
+    unlock(guest, config)
+    assert sha256(guest, f"{ROOT}/blob") == digest
+    assert keydctl(guest, "lock", "work", config=config).rc == 0
+    assert_nothing_open(guest)
+
+
+def test_missing_image_rolls_back_the_ntfs_mount_and_the_mapping(guest: GuestLab) -> None:
+    _, config = build_stack(guest)
+    broken = config.replace(".toml", "-broken.toml")
+    guest.sh(f"sed 's/^image = \"rootfs\"/image = \"no-such-image\"/' {config} > {broken}")
+
+    failed = keydctl(guest, "unlock", "work", "--passphrase", config=broken,
+                     input=PASSPHRASE + "\n")
+
+    assert failed.rc != 0, failed
+    assert "could not attach layer img of volume work" in failed.stderr, failed.stderr
+    assert "rolled back" in failed.stderr, failed.stderr
+    # Rolled back in reverse: the NTFS unmounted, then the mapping closed (retried while the
+    # exiting ntfs-3g still holds it, if need be); nothing else.
+    ran = programs_run(failed.stderr)
+    undo = ran[ran.index(["umount", NTFS]) + 1:]
+    assert undo and all(argv == ["cryptsetup", "close", MAPPING] for argv in undo), ran
+    assert_nothing_open(guest)
+
+
+def test_process_in_the_inner_mount_blocks_the_lock_and_is_named(guest: GuestLab) -> None:
+    _, config = build_stack(guest)
+    unlock(guest, config)
+    pid = guest.sh(f"cd {ROOT} && setsid sleep 600 >/dev/null 2>&1 </dev/null & echo $!").strip()
+    assert guest.check(["readlink", f"/proc/{pid}/cwd"]).stdout.strip() == ROOT
+
+    refused = keydctl(guest, "lock", "work", config=config)
+
+    assert refused.rc == 5, refused
+    assert "volume work is busy" in refused.stderr
+    assert f"pid {pid} (sleep): cwd in {ROOT}" in refused.stderr, refused.stderr
+    assert "keyd never kills processes" in refused.stderr
+    assert not [argv for argv in programs_run(refused.stderr)
+                if argv[0] in ("umount", "losetup", "cryptsetup")]  # nothing was touched
+    assert guest.check(["kill", "-0", pid]).rc == 0
+    assert findmnt(guest, ROOT).endswith(" ext3") and findmnt(guest, NTFS).endswith(" fuseblk")
+    assert MAPPING in dm_names(guest) and len(loops(guest)) == 1
+
+    guest.sh(f"kill {pid}; timeout 10 tail --pid={pid} -f /dev/null")
+    locked = keydctl(guest, "lock", "work", config=config)
+
+    assert locked.rc == 0, locked
+    assert_nothing_open(guest)
