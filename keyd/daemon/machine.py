@@ -101,6 +101,9 @@ class Locking:
     attempt: int = 0
     by: str = "request"
     rollback: bool = False
+    # A key that arrived while a half-open stack found at start-up was rolled back (the
+    # stick that was in when keyd died): used once the rollback is done.
+    held: ev.KeyArrived | None = None
     name = "locking"
 
 
@@ -126,6 +129,8 @@ def signal(state: State, detail: str = "") -> EmitSignal:
 
 def held_ref(state: State) -> str | None:
     """The key handle the state holds, if any."""
+    if isinstance(state, Locking):
+        return state.held.ref if state.held is not None else None
     return state.pending.key.ref if isinstance(state, Unlocking | WaitingForMembers) else None
 
 
@@ -354,19 +359,37 @@ def _on_locking(state: Locking, event: ev.Event, policy: VolumePolicy) -> Result
         return _busy(state, event, policy)
     if isinstance(event, ev.LockFailed):
         failed = Failed(event.reason, event.message)
-        return failed, [Audit(A.LOCK_FAILED, event.message or event.reason, result="failed",
-                              reason=event.reason), signal(failed, event.message)]
+        return failed, [*_drop_held(state), Audit(A.LOCK_FAILED, event.message or event.reason,
+                                                  result="failed", reason=event.reason),
+                        signal(failed, event.message)]
     if isinstance(event, ev.LockRetry) and state.attempt > 0:
         return state, [StartLock()]
+    return _hold_during_rollback(state, event)
+
+
+def _hold_during_rollback(state: Locking, event: ev.Event) -> Result:
+    """Keys arriving while locking: kept only during a start-up rollback, else discarded."""
     if isinstance(event, ev.KeyArrived):
-        return state, [DiscardKey(event.ref)]
+        if not state.rollback:
+            return state, [DiscardKey(event.ref)]
+        return replace(state, held=event), _drop_held(state)  # the newest key is kept
+    if state.held is not None and (isinstance(event, ev.LockRequested) or (
+            isinstance(event, ev.StickRemoved) and state.held.serial == event.serial)):
+        return replace(state, held=None), _drop_held(state)  # locked on purpose, or key gone
     return state, []
+
+
+def _drop_held(state: Locking) -> list[Effect]:
+    return [DiscardKey(state.held.ref)] if state.held is not None else []
 
 
 def _locked(state: Locking, event: ev.LockSucceeded, policy: VolumePolicy) -> Result:
     done = Audit(A.LOCK_FINISHED, "rolled back" if state.rollback else "locked",
                  result="rolled-back" if state.rollback else "locked", reason=state.by,
                  seconds=event.seconds)
+    if state.rollback and state.held is not None:
+        unlocking, effects = _begin_unlock(state.held, "waiting")
+        return unlocking, [done, *effects]
     if state.rollback:
         waiting = WaitingForKey()
         return waiting, [done, ArmTimer(Timer.KEY, policy.key_timeout), signal(waiting)]
@@ -382,7 +405,8 @@ def _busy(state: Locking, event: ev.LockBusy, policy: VolumePolicy) -> Result:
                   f"{event.holders}", result="retrying", reason="BUSY")]
     if state.rollback:
         failed = Failed("BUSY", f"half-open stack is in use: {event.holders}")
-        return failed, [Audit(A.LOCK_BUSY, failed.message, result="failed", reason="BUSY"),
+        return failed, [*_drop_held(state),
+                        Audit(A.LOCK_BUSY, failed.message, result="failed", reason="BUSY"),
                         signal(failed, failed.message)]
     warning = f"lock refused, volume busy: {event.holders}"
     unlocked = Unlocked(warning=warning)

@@ -35,6 +35,7 @@ from keyd.daemon.client import bus_at, system_bus
 from keyd.daemon.core import Daemon, DaemonPorts
 from keyd.daemon.dbus_api import ManagerService, publish
 from keyd.daemon.glib_loop import GLibScheduler, UdevWatch
+from keyd.daemon.leftovers import cgroup_processes, wait_for_leftovers
 from keyd.daemon.policy import DEFAULT_POLICY_FILE, DaemonPolicy, load_policy
 from keyd.daemon.ports import UnitManager
 from keyd.engine.lockfile import DEFAULT_RUN_DIR
@@ -48,6 +49,7 @@ from keyd.trust.settings import DEFAULT_STATE_DIR, TrustSettings
 log = logging.getLogger("keyd.daemon")
 
 Notify = Callable[[str], Any]
+LEFTOVER_WAIT = 90.0  # seconds; keyd.service's TimeoutStartSec is 120
 
 
 def sd_notify(state: str) -> Any:
@@ -142,6 +144,8 @@ def run(runtime: Runtime, notify: Notify, ready_timeout: float) -> None:
     if interval is not None:
         GLib.timeout_add(int(interval * 1000), lambda: bool(notify("WATCHDOG=1")) or True)
     runtime.watch.start()
+    # A cryptsetup/mount left by a killed keyd must finish before the kernel is read.
+    wait_for_leftovers(cgroup_processes, timeout=LEFTOVER_WAIT)
     runtime.daemon.start(runtime.watch.present_sticks(), on_settled=ready)
     if not ready_sent:
         GLib.timeout_add(int(ready_timeout * 1000), ready)

@@ -24,6 +24,7 @@ from keyd.daemon.machine import (
     Unlocking,
     WaitingForKey,
     WaitingForMembers,
+    held_ref,
     transition,
 )
 from keyd.daemon.policy import VolumePolicy
@@ -423,3 +424,37 @@ def test_the_member_wait_ending_during_a_successful_retry_is_harmless() -> None:
     state, _ = transition(state, ev.MembersTimeout(), POLICY)
     state, effects = transition(state, ev.UnlockSucceeded(), POLICY)
     assert isinstance(state, Unlocked) and ef.CancelTimer(ef.Timer.MEMBERS) not in effects
+
+
+def test_a_key_arriving_during_the_start_up_rollback_is_used_once_the_rollback_is_done() -> None:
+    # Lab finding: keyd SIGKILLed mid-unlock leaves a half-open stack; on restart the stick
+    # still plugged in is coldplugged while the rollback runs. Its key must not be lost.
+    state, _ = transition(Locked(), ev.Observed("partial"), POLICY)
+    state, effects = transition(state, KEY, POLICY)
+    assert isinstance(state, Locking) and state.held == KEY and effects == []
+    state, effects = transition(state, ev.LockSucceeded(), POLICY)
+    assert state == Unlocking(Pending(KEY, "waiting")) and ef.StartUnlock("k1") in effects
+    assert next(e.event for e in effects if isinstance(e, ef.Audit)) == AuditEvent.LOCK_FINISHED
+
+
+def test_a_newer_key_during_the_rollback_replaces_the_held_one() -> None:
+    state, _ = transition(Locked(), ev.Observed("partial"), POLICY)
+    state, _ = transition(state, KEY, POLICY)
+    newer = ev.KeyArrived("k9", "dbus")
+    state, effects = transition(state, newer, POLICY)
+    assert isinstance(state, Locking) and state.held == newer and effects == [ef.DiscardKey("k1")]
+
+
+@pytest.mark.parametrize("event", [ev.LockRequested(), ev.StickRemoved("S1"), ev.LockFailed("E"),
+                                   ev.LockBusy("1 (sh)")])
+def test_a_key_held_during_the_rollback_is_dropped_by_a_lock_request_removal_or_failure(
+        event: ev.Event) -> None:
+    state, _ = transition(Locked(), ev.Observed("partial"), POLICY)
+    state, _ = transition(state, KEY, POLICY)
+    state, effects = transition(state, event, POLICY)
+    assert ef.DiscardKey("k1") in effects and held_ref(state) is None
+
+
+def test_a_key_during_an_ordinary_lock_is_discarded_not_held() -> None:
+    state, effects = transition(Locking(), KEY, POLICY)
+    assert state == Locking() and effects == [ef.DiscardKey("k1")]
