@@ -46,14 +46,6 @@ class Mdadm:
                                fix="see `mdadm --examine` of the members") from exc
         return device
 
-    def start(self, label: str, device: str) -> None:
-        """``mdadm --run DEVICE`` for an array that is assembled but inactive."""
-        try:
-            self.runner.run(["mdadm", "--run", device], timeout=120)
-        except ProgramError as exc:
-            raise StorageError(f"could not start {label}: {_last_line(exc)}",
-                               fix=f"see `mdadm --detail {device}`") from exc
-
     def stop(self, label: str, device: str) -> None:
         """``mdadm --stop DEVICE``."""
         try:

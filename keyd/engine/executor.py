@@ -33,7 +33,6 @@ from keyd.engine.plan import (
     OpenCrypt,
     Plan,
     Source,
-    StartRaid,
     Step,
     StopRaid,
     Unmount,
@@ -133,9 +132,6 @@ class Executor:
             members = run.members.get(step.layer, step.members)
             device = self.storage.raid.assemble(label, step.md_name, step.uuid, members,
                                                 run=step.run)
-        elif isinstance(step, StartRaid):
-            self.storage.raid.start(label, step.device)
-            device = step.device
         elif isinstance(step, OpenCrypt):
             device = self._open_crypt(volume, step, run)
         elif isinstance(step, AttachLoop):

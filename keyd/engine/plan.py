@@ -75,14 +75,6 @@ class _OnDevice:
 
 
 @dataclass(frozen=True)
-class StartRaid(_OnDevice):
-    """Start an array that is assembled but inactive (``mdadm --run``)."""
-
-    slow = True
-    verb = "starting"
-
-
-@dataclass(frozen=True)
 class OpenCrypt:
     """``cryptsetup open`` the layer as ``dm_name``; the key is fetched at run time."""
 
@@ -168,7 +160,7 @@ class StopRaid(_OnDevice):
     verb = "stopping"
 
 
-Step = (WaitForMembers | AssembleRaid | StartRaid | OpenCrypt | AttachLoop | Mount
+Step = (WaitForMembers | AssembleRaid | OpenCrypt | AttachLoop | Mount
         | Unmount | DetachLoop | CloseCrypt | StopRaid)
 
 

@@ -28,15 +28,11 @@ class CryptPort(Protocol):
 
 
 class RaidPort(Protocol):
-    """Assembles, starts and stops md arrays."""
+    """Assembles and stops md arrays."""
 
     def assemble(self, label: str, md_name: str, uuid: str, members: Sequence[str],
                  *, run: bool) -> str:
         """Assemble array ``uuid`` as /dev/md/``md_name``; return its device path."""
-        ...
-
-    def start(self, label: str, device: str) -> None:
-        """Start an assembled but inactive array."""
         ...
 
     def stop(self, label: str, device: str) -> None:

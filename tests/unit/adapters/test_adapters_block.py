@@ -29,7 +29,7 @@ def test_assemble_by_uuid_with_run_only_when_allowed() -> None:
          "--uuid=6b8b4567:327b23c6:643c9869:66334873", "--run", "/dev/sdb")]
 
 
-@pytest.mark.parametrize("action", ["assemble", "start", "stop"])
+@pytest.mark.parametrize("action", ["assemble", "stop"])
 def test_mdadm_failures_name_the_layer(action: str) -> None:
     runner = ScriptedRunner().on("mdadm", reply=Reply(stderr="mdadm: no devices found\n",
                                                       returncode=1))
@@ -37,18 +37,14 @@ def test_mdadm_failures_name_the_layer(action: str) -> None:
     with pytest.raises(StorageError, match="raid layer md0 of volume t: mdadm: no devices"):
         if action == "assemble":
             mdadm.assemble("raid layer md0 of volume t", "n", UUID, [], run=False)
-        elif action == "start":
-            mdadm.start("raid layer md0 of volume t", "/dev/md127")
         else:
             mdadm.stop("raid layer md0 of volume t", "/dev/md127")
 
 
-def test_start_and_stop_argv() -> None:
+def test_stop_argv() -> None:
     runner = ScriptedRunner()
-    Mdadm(runner).start("x", "/dev/md127")
     Mdadm(runner).stop("x", "/dev/md127")
-    assert runner.argvs() == [("mdadm", "--run", "/dev/md127"),
-                              ("mdadm", "--stop", "/dev/md127")]
+    assert runner.argvs() == [("mdadm", "--stop", "/dev/md127")]
 
 
 def test_mount_creates_the_mountpoint_and_passes_options(tmp_path: Path) -> None:

@@ -19,7 +19,6 @@ from keyd.engine.plan import (
     Mount,
     OpenCrypt,
     Plan,
-    StartRaid,
     StopRaid,
     Unmount,
     WaitForMembers,
@@ -84,9 +83,6 @@ class FakeKernel:
                  *, run: bool) -> str:
         self._do(f"assemble {md_name} {','.join(members)} run={run}")
         return f"/dev/md/{md_name}"
-
-    def start(self, label: str, device: str) -> None:
-        self._do(f"start {device}")
 
     def stop(self, label: str, device: str) -> None:
         self._do(f"stop {device}")
@@ -265,16 +261,6 @@ def test_wait_for_members_gives_up_at_the_deadline_and_starts_degraded() -> None
     executor(kernel, clock=clock).unlock(volume(), plan)
     assert sum(clock.slept) == pytest.approx(2.5)
     assert kernel.events == ["assemble keyd-tank-md0 /dev/sdb,/dev/sdc run=True"]
-
-
-def test_started_inactive_array_is_not_stopped_on_rollback() -> None:
-    plan = Plan("tank", (StartRaid("md0", "/dev/md127"),
-                         OpenCrypt("tank", volume().layer("crypt0"),  # type: ignore[arg-type]
-                                   "keyd-tank-crypt0", LayerRef("md0"))))
-    kernel = FakeKernel(fail={"open keyd-tank-crypt0 on /dev/md127": Boom("x")})
-    with pytest.raises(Boom):
-        executor(kernel).unlock(volume(), plan)
-    assert kernel.events == ["start /dev/md127"]
 
 
 def test_taking_over_an_inactive_array_stops_it_and_rollback_stops_only_the_assembled_one(
