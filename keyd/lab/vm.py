@@ -120,12 +120,16 @@ class Lab:
             remaining = max(deadline - time.monotonic(), 1.0)
             state = self.run(["systemctl", "is-system-running", "--wait"], timeout=remaining)
         except KeydError as exc:
+            if self._process is not None and self._process.poll() is not None:
+                qemu_log = (self.run_dir / "qemu.log").read_text(errors="replace").strip()
+                raise LabError(f"QEMU exited with status {self._process.returncode} while "
+                               f"booting: {qemu_log or '(no output)'}") from exc
             raise BootTimeout(budget, self.console_tail()) from exc
         if state.stdout.strip() not in ("running", "degraded"):
             raise BootTimeout(budget, self.console_tail())
 
     def close(self) -> None:
-        """Stop QEMU (quit, then SIGKILL after 5 s) and drop the connections."""
+        """Stop QEMU (SIGTERM, then SIGKILL after 5 s) and drop the connections."""
         for closer in (self._channel, self._qmp):
             if closer is not None:
                 closer.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from keyd.lab.build import Artifacts, new_run_dir
-from keyd.lab.errors import BootTimeout, QmpError
+from keyd.lab.errors import BootTimeout, LabError, QmpError
 from keyd.lab.guest_root import UDEV_AT_BOOT
 from keyd.lab.media import StickSpec, build_stick
 from keyd.lab.vm import Lab, LabOptions
@@ -137,4 +137,12 @@ def test_a_guest_that_misses_its_boot_deadline_is_killed_and_its_console_shown(
     pid = int((run_dir / "qemu.pid").read_text())
     assert not Path(f"/proc/{pid}").exists()
     assert "last console lines" in str(error.value)
+    shutil.rmtree(run_dir)
+
+
+def test_a_qemu_that_refuses_its_command_line_says_why(lab_artifacts: Artifacts) -> None:
+    run_dir = new_run_dir("bad-cpu")
+    with pytest.raises(LabError, match="unable to find CPU model 'no-such-cpu'"):
+        Lab.boot(lab_artifacts.kernel, lab_artifacts.initramfs, run_dir,
+                 LabOptions(boot_timeout=30, cpu_model="no-such-cpu"))
     shutil.rmtree(run_dir)
