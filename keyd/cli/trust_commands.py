@@ -14,11 +14,12 @@ import getpass
 import json
 import os
 import sys
-import tomllib
 from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
+from keyd.config import load_config
+from keyd.config.model import DEFAULT_CONFIG, DEFAULT_GNUPGHOME, DEFAULT_REVOCATIONS, TrustConfig
 from keyd.errors import ConfigError, KeydError
 from keyd.runner import SubprocessRunner
 from keyd.trust import luks
@@ -27,13 +28,7 @@ from keyd.trust.generations import GenerationStore
 from keyd.trust.gpg import GnuPG
 from keyd.trust.revocation import Revocations, load_revocations, save_revocations, valid_token
 from keyd.trust.secret import SecretBytes
-from keyd.trust.settings import (
-    DEFAULT_GNUPGHOME,
-    DEFAULT_REVOCATIONS,
-    DEFAULT_STATE_DIR,
-    Limits,
-    TrustSettings,
-)
+from keyd.trust.settings import DEFAULT_STATE_DIR, Limits, TrustSettings
 from keyd.trust.status import normalize_fingerprint
 from keyd.trust.verify import (
     StickIdentity,
@@ -44,7 +39,6 @@ from keyd.trust.verify import (
     verify_directory,
 )
 
-DEFAULT_CONFIG = "/etc/keyd/keyd.toml"
 DEFAULT_KEY_BYTES = 64
 EXIT_REJECTED = 6
 LUKS_MAX_KEY_BYTES = 8 * 1024 * 1024  # cryptsetup's default --keyfile-size limit
@@ -133,37 +127,16 @@ def parse_date(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-# TODO: use keyd.config once it lands (Config.trust.signers / .gnupghome).
-def read_trust_table(path: str, required: bool) -> dict[str, Any]:
-    """The ``[trust]`` table of a keyd config file ({} if absent and not required)."""
-    try:
-        with open(path, "rb") as stream:
-            document = tomllib.load(stream)
-    except FileNotFoundError:
-        if required:
-            raise ConfigError(path, "", "file not found", fix="pass an existing --config") from None
-        return {}
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(path, "", f"not valid TOML: {exc}") from None
-    table = document.get("trust", {})
-    if not isinstance(table, dict):
-        raise ConfigError(path, "trust", "must be a table")
-    return table
-
-
 def settings_from_args(args: argparse.Namespace) -> TrustSettings:
-    """TrustSettings from the config's [trust] table, overridden by flags."""
+    """TrustSettings from the config's [trust] table, overridden by flags.
+
+    Without --config, a missing default config file means "no config": flags alone suffice.
+    """
     path = args.config or DEFAULT_CONFIG
-    table = read_trust_table(path, required=args.config is not None)
-    signers = table.get("signers", [])
-    home = table.get("gnupghome", DEFAULT_GNUPGHOME)
-    if not isinstance(signers, list) or not all(isinstance(s, str) for s in signers):
-        raise ConfigError(path, "trust.signers", "must be a list of fingerprints")
-    if not isinstance(home, str):
-        raise ConfigError(path, "trust.gnupghome", "must be a path")
+    trust = load_config(path).trust if args.config or os.path.exists(path) else TrustConfig()
     return TrustSettings(
-        signers=tuple(signers) + tuple(args.signer), gnupghome=args.gnupghome or home,
-        revocations_file=args.revocations or str(table.get("revocations", DEFAULT_REVOCATIONS)),
+        signers=trust.signers + tuple(args.signer), gnupghome=args.gnupghome or trust.gnupghome,
+        revocations_file=args.revocations or trust.revocations,
         state_dir=args.state_dir or DEFAULT_STATE_DIR, source=path)
 
 

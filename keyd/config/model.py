@@ -18,6 +18,7 @@ from keyd.errors import ConfigError
 
 DEFAULT_CONFIG = "/etc/keyd/keyd.toml"
 DEFAULT_GNUPGHOME = "/etc/keyd/gnupg"
+DEFAULT_REVOCATIONS = "/etc/keyd/revoked.toml"
 
 CryptType = Literal["luks", "plain", "tcrypt", "veracrypt"]
 KeyFormat = Literal["passphrase", "binary"]
@@ -135,10 +136,11 @@ class Volume:
 
 @dataclass(frozen=True)
 class TrustConfig:
-    """The ``[trust]`` table: pinned signer fingerprints and keyd's GnuPG home."""
+    """The ``[trust]`` table: pinned signer fingerprints, keyd's GnuPG home, the revocation list."""
 
     signers: tuple[str, ...] = ()
     gnupghome: str = DEFAULT_GNUPGHOME
+    revocations: str = DEFAULT_REVOCATIONS
 
 
 @dataclass(frozen=True)

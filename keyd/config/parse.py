@@ -29,6 +29,7 @@ from keyd.config.graph import order_layers
 from keyd.config.layers import NAME, NAME_RULE, PARSERS, PLANNED_KINDS
 from keyd.config.model import (
     DEFAULT_GNUPGHOME,
+    DEFAULT_REVOCATIONS,
     Config,
     CryptLayer,
     Layer,
@@ -38,9 +39,9 @@ from keyd.config.model import (
     Volume,
 )
 from keyd.errors import ConfigError
+from keyd.trust.status import normalize_fingerprint
 
 _UNIT = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|target|mount|timer|path)$")
-_FINGERPRINT = re.compile(r"^([0-9A-F]{40}|[0-9A-F]{64})$")
 _TOML_LINE = re.compile(r"at line (\d+)")
 
 
@@ -91,17 +92,23 @@ def _reject_unknown_top(root: Table) -> None:
 
 def _trust(table: Table) -> TrustConfig:
     signers = tuple(_fingerprint(table, text) for text in table.text_list("signers"))
-    home = table.text("gnupghome") or DEFAULT_GNUPGHOME
-    if not home.startswith("/"):
-        raise table.error("gnupghome", f"gnupghome {home!r} is not an absolute path",
-                          f'use an absolute directory, e.g. "{DEFAULT_GNUPGHOME}"')
+    home = _absolute(table, "gnupghome", DEFAULT_GNUPGHOME)
+    revocations = _absolute(table, "revocations", DEFAULT_REVOCATIONS)
     table.done()
-    return TrustConfig(signers=signers, gnupghome=home)
+    return TrustConfig(signers=signers, gnupghome=home, revocations=revocations)
+
+
+def _absolute(table: Table, key: str, default: str) -> str:
+    path = table.text(key) or default
+    if not path.startswith("/"):
+        raise table.error(key, f"{key} {path!r} is not an absolute path",
+                          f'use an absolute path, e.g. "{default}"')
+    return path
 
 
 def _fingerprint(table: Table, text: str) -> str:
-    fpr = "".join(text.split()).upper()
-    if not _FINGERPRINT.match(fpr):
+    fpr = normalize_fingerprint("".join(text.split()))
+    if fpr is None:
         raise table.error("signers", f"{text[:80]!r} is not a full key fingerprint",
                           "use the 40-hex-digit primary fingerprint "
                           "(gpg --with-colons --fingerprint)")

@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keyd.config.model import DEFAULT_GNUPGHOME, DEFAULT_REVOCATIONS
 from keyd.errors import ConfigError
 from keyd.trust.status import normalize_fingerprint
 
-DEFAULT_GNUPGHOME = "/etc/keyd/gnupg"
-DEFAULT_REVOCATIONS = "/etc/keyd/revoked.toml"
 DEFAULT_STATE_DIR = "/var/lib/keyd"
 DEFAULT_RUN_DIR = "/run/keyd"
 DEFAULT_FILESYSTEMS = ("vfat", "exfat", "ext4")

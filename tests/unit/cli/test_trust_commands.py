@@ -238,3 +238,17 @@ def test_enroll_with_wrong_existing_key_writes_no_bundle(cli: Cli, image: Path) 
     assert caught.value.argv[:2] == ["cryptsetup", "luksAddKey"]
     assert not any("Zq7notthekey" in arg for arg in caught.value.argv)
     assert not cli.stick.exists()
+
+
+def test_verify_reads_the_trust_table_the_way_check_config_does(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.enroll("tank")
+    revoked = cli.tmp / "from-config-revoked.toml"
+    config = cli.tmp / "keyd.toml"
+    config.write_text(f'[trust]\nsigners = ["{cli.keys.signer}"]\ngnupghome = "{cli.keys.home}"\n'
+                      f'revocations = "{revoked}"\n')
+    assert main(["revoke", "--config", str(config), "--serial", SERIAL]) == 0
+    assert revoked.exists()  # the [trust] revocations path from the config was used
+    config.write_text(config.read_text() + "[volume.tank]\n")  # a volume with no layers
+    assert main(["verify", "--config", str(config), str(cli.stick), "--serial", SERIAL]) == 3
+    assert main(["check-config", "--config", str(config)]) == 3

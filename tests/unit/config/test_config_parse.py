@@ -209,6 +209,7 @@ def test_toml_syntax_error_reports_its_line() -> None:
     ("[volume.tank.layer.x]\nkind = 3\n", "volume.tank.layer.x.kind", "must be a string"),
     ("[trust]\nsigners = ['ABCD']\n", "trust.signers", "fingerprint"),
     ("[trust]\ngnupghome = 'rel/dir'\n", "trust.gnupghome", "absolute"),
+    ("[trust]\nrevocations = 'revoked.toml'\n", "trust.revocations", "absolute"),
     ("[trust]\nsignerz = []\n", "trust.signerz", "unknown key"),
 ])
 def test_structural_errors(text: str, key: str, words: str) -> None:
