@@ -23,6 +23,8 @@ PROBE = REPO / "tests" / "vm" / "guest" / "stick_probe.py"
 GUEST_PYTHON = REPO / ".venv" / "bin" / "python"
 KEYDCTL = [sys.executable, "-m", "keyd.cli.main"]
 SERIAL = "KEYDSTICK3"
+# A run directory of the test's own: the daemon tests' keyd keeps its lock files in /run/keyd.
+RUN_DIR = "/run/keyd-stick-test"
 VOLUMES = ("tank", "media", "backup")
 
 
@@ -44,7 +46,7 @@ def signed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pa
 
 
 def probe(guest: GuestLab, device: str) -> dict[str, Any]:
-    out = guest.check([str(GUEST_PYTHON), str(PROBE), device, "/run/keyd"], timeout=120).stdout
+    out = guest.check([str(GUEST_PYTHON), str(PROBE), device, RUN_DIR], timeout=120).stdout
     report: dict[str, Any] = json.loads(out)
     return report
 
@@ -72,8 +74,8 @@ def test_vfat_stick_is_mounted_private_readonly_and_unmounted_right_after_readin
     [line] = report["while_mounted"]
     fields = line.split()
     assert set(fields[5].split(",")) == {"ro", "nosuid", "nodev", "noexec", "noatime"}, line
-    assert fields[4].startswith("/run/keyd/stick-")
-    assert guest.check(["stat", "-c", "%a", "/run/keyd"]).stdout.strip() == "700"
+    assert fields[4].startswith(f"{RUN_DIR}/stick-")
+    assert guest.check(["stat", "-c", "%a", RUN_DIR]).stdout.strip() == "700"
     assert report["after_unmount"] == [] and report["left_mounted"] == []
     assert report["left_entries"] == []  # the private mount point is gone too
     # What the guest read through the stick is the whole bundle, and it verifies.
