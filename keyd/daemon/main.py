@@ -95,6 +95,7 @@ def build_engine(runner: Runner, run_dir: str) -> Engine:
 def trust_settings(config: Config, args: argparse.Namespace) -> TrustSettings:
     """TrustSettings from keyd.toml's [trust] and the command line."""
     return TrustSettings(signers=config.trust.signers, gnupghome=config.trust.gnupghome,
+                         revocations_file=config.trust.revocations,
                          state_dir=args.state_dir, run_dir=args.run_dir, source=config.file)
 
 
