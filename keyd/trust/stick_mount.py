@@ -32,6 +32,9 @@ from keyd.trust.settings import DEFAULT_FILESYSTEMS, DEFAULT_RUN_DIR, Limits
 log = logging.getLogger("keyd.trust.stick")
 
 MOUNT_OPTIONS = "ro,nosuid,nodev,noexec,noatime"
+# A read-only ext3/ext4 mount still replays a dirty journal, i.e. writes to the
+# stick; ``noload`` skips the replay so keyd never changes a key stick.
+JOURNAL_OPTIONS = {"ext3": ",noload", "ext4": ",noload"}
 MOUNT_TIMEOUT = 30.0
 
 
@@ -42,6 +45,11 @@ class StickRead:
     bundle: RawBundle
     mounted_seconds: float
     mount_point: str
+
+
+def mount_options(fstype: str) -> str:
+    """The mount options for a stick of ``fstype``: read-only, and never writing to it."""
+    return MOUNT_OPTIONS + JOURNAL_OPTIONS.get(fstype, "")
 
 
 class StickMounter:
@@ -108,7 +116,7 @@ class StickMounter:
         return Path(tempfile.mkdtemp(prefix="stick-", dir=self.run_dir))
 
     def _mount(self, device: str, fstype: str, point: Path) -> None:
-        argv = ["mount", "-t", fstype, "-o", MOUNT_OPTIONS, device, str(point)]
+        argv = ["mount", "-t", fstype, "-o", mount_options(fstype), device, str(point)]
         try:
             self.runner.run(argv, timeout=MOUNT_TIMEOUT)
         except ProgramError as exc:

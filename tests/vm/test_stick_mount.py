@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import subprocess
 import sys
@@ -102,3 +103,22 @@ def test_stick_with_a_filesystem_outside_the_allow_list_is_never_mounted(
     assert report["left_mounted"] == [] and report["left_entries"] == []
     mounted = guest.check(["findmnt", "-rno", "SOURCE"]).stdout.split()
     assert device not in mounted
+
+
+def test_ext4_stick_with_a_dirty_journal_is_read_without_writing_to_it(
+        guest: GuestLab, tmp_path: Path) -> None:
+    runner = SubprocessRunner()
+    image = build_stick(runner, tmp_path / "ext4.img", fs="ext4", label="KEYS",
+                        files={"keyd/manifest": b"format = 1\n"})
+    # As if the stick was pulled while mounted read-write: the journal needs recovery,
+    # which a plain read-only mount would replay, i.e. write to the stick.
+    runner.run(["debugfs", "-w", "-R", "feature needs_recovery", str(image)])
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    device = guest.plug(StickSpec(image, "KEYDEXT4"))
+
+    report = probe(guest, device)
+    guest.unplug("KEYDEXT4")
+
+    assert report["fstype"] == "ext4" and "error" not in report, report
+    assert base64.b64decode(report["files"]["manifest"]) == b"format = 1\n"
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before

@@ -71,6 +71,20 @@ def test_stick_is_mounted_read_only_read_and_unmounted(stick: Path, tmp_path: Pa
     assert result.mounted_seconds >= 0
 
 
+@pytest.mark.parametrize(("fstype", "options"), [
+    ("vfat", "ro,nosuid,nodev,noexec,noatime"),
+    ("exfat", "ro,nosuid,nodev,noexec,noatime"),
+    ("ext4", "ro,nosuid,nodev,noexec,noatime,noload"),
+])
+def test_ext4_sticks_are_mounted_without_journal_replay(
+        stick: Path, tmp_path: Path, fstype: str, options: str) -> None:
+    runner = FakeMountRunner(stick)
+    result = mounter(runner, tmp_path).read("/dev/sdz1", fstype.upper())
+    result.bundle.wipe()
+    assert runner.calls[0] == ["mount", "-t", fstype, "-o", options, "/dev/sdz1",
+                               result.mount_point]
+
+
 @pytest.mark.parametrize("fstype", ["ext2", "squashfs", "ntfs", "", "vfat,exec"])
 def test_filesystems_outside_the_allow_list_are_never_mounted(
         stick: Path, tmp_path: Path, fstype: str) -> None:
