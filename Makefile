@@ -14,6 +14,8 @@ deps: apt venv
 # (a fresh box) also trigger an update: the lab resolves its kernel through apt.
 apt:
 	@command -v $(PY_SYS) >/dev/null || { apt-get update -qq && apt-get install -y -qq python3; }
+	@# The lab's OpenZFS (zfsutils-linux, zfs-dkms) lives in Debian's contrib: enable it once, in its own file.
+	@added="$$($(PY_SYS) -m keyd.lab.apt_sources)" && if [ -n "$$added" ]; then echo "apt: enabled contrib in $$added"; apt-get update -qq; fi
 	@apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]' || apt-get update -qq
 	@pkgs="$$($(PY_SYS) -m keyd.programs --apt)"; \
 	missing=$$(for p in $$pkgs; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from keyd.lab import initramfs
+from keyd.lab import initramfs, zfs
 from keyd.lab.errors import LabError
 from keyd.lab.kernel import Kernel, cache_dir, ensure_kernel, extract_vmlinux
 from keyd.lab.progress import phase
@@ -48,6 +48,9 @@ def prepare(runner: Runner, timings: dict[str, float] | None = None) -> Artifact
     if not target.exists():
         with phase("build initramfs", timings):
             initramfs.build_initramfs(kernel, target)
+    if zfs.zfs_enabled():
+        # Same image, modules tree with OpenZFS added: loaded only on demand, so boots are no slower.
+        kernel = zfs.ensure_zfs(runner, kernel, timings)
     return Artifacts(kernel, target)
 
 

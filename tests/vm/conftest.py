@@ -21,6 +21,8 @@ BOOT_STICK_SERIAL = "KEYDBOOT01"
 # Undo whatever a test left in the guest's kernel: mounts, loops, dm and md devices.
 GUEST_RESET = r"""
 for m in $(awk '$2 ~ "^/mnt/t/" {print $2}' /proc/self/mounts | sort -r); do umount -l "$m"; done
+# A pool left imported on a mapping removed below would be suspended, and hang later tests.
+if [ -e /dev/zfs ]; then zpool export -a -f || true; fi
 losetup -D
 for d in $(dmsetup ls --noheadings 2>/dev/null | awk '$1 != "No" {print $1}'); do dmsetup remove -f "$d"; done
 for md in /dev/md/* /dev/md[0-9]*; do [ -e "$md" ] && mdadm --stop "$md"; done
