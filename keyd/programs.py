@@ -35,6 +35,7 @@ PROGRAMS: dict[str, Program] = {p.name: p for p in (
     Program("systemctl", "systemd"),
     Program("journalctl", "systemd"),
     Program("systemd-tmpfiles", "systemd"),
+    Program("systemd-sysusers", "systemd"),
     Program("systemd-ask-password", "systemd"),
     Program("mkfs.xfs", "xfsprogs", ("-V",)),
     Program("mkfs.ext4", "e2fsprogs", ("-V",)),
@@ -44,6 +45,9 @@ PROGRAMS: dict[str, Program] = {p.name: p for p in (
     Program("mkntfs", "ntfs-3g", ("--version",)),
     Program("tcplay", "tcplay", ("-v",)),
     Program("modprobe", "kmod"),
+    # zfs layers (issue 7); zfsutils-linux is in Debian's contrib.
+    Program("zpool", "zfsutils-linux", ("version",)),
+    Program("zfs", "zfsutils-linux", ("version",)),
     # The lab's host-side tools (keyd/lab): building the guest and its media.
     Program("qemu-system-x86_64", "qemu-system-x86"),
     Program("apt-get", "apt"),
@@ -53,6 +57,8 @@ PROGRAMS: dict[str, Program] = {p.name: p for p in (
     Program("mcopy", "mtools"),
     Program("mmd", "mtools"),
     Program("mksquashfs", "squashfs-tools", ("-version",)),
+    # Builds the lab kernel's OpenZFS modules (keyd/lab/zfs.py), in its own trees.
+    Program("dkms", "dkms"),
 )}
 
 # Needed to build the Python dependencies (PyGObject, systemd-python) in a venv.
@@ -63,6 +69,10 @@ BUILD_PACKAGES = ("python3-venv", "python3-dev", "gcc", "pkg-config", "libgirepo
 # guest's tools (systemd, udev, dbus, mkfs...) are installed on the host too.
 LAB_PACKAGES = ("qemu-system-x86", "qemu-utils", "busybox-static", "kmod", "cpio", "udev", "dbus",
                 "systemd", "mtools", "squashfs-tools", "lsof")
+# ZFS in the lab (from Debian's contrib, which `make apt` enables): the guest's zpool/zfs come from the
+# host's zfsutils-linux; dkms, gcc-12, make and file build the module (keyd/lab/zfs.py). zfs-dkms itself
+# is only downloaded and extracted, so its postinst never builds for the host's own kernel.
+ZFS_LAB_PACKAGES = ("zfsutils-linux", "dkms", "gcc-12", "make", "file")
 
 
 def program(name: str) -> Program:
@@ -73,6 +83,7 @@ def program(name: str) -> Program:
 def apt_packages() -> list[str]:
     """All apt packages keyd, its build and its lab need, sorted and unique."""
     names = {p.package for p in PROGRAMS.values()} | set(BUILD_PACKAGES) | set(LAB_PACKAGES)
+    names |= set(ZFS_LAB_PACKAGES)
     return sorted(names)
 
 

@@ -34,14 +34,18 @@ FILES: tuple[tuple[str, str, bool], ...] = (
     ("systemd/org.keyd.Keyd1.conf", "usr/share/dbus-1/system.d/org.keyd.Keyd1.conf", False),
     ("systemd/keyd.catalog", "usr/lib/systemd/catalog/keyd.catalog", False),
     ("systemd/tmpfiles.d/keyd.conf", "usr/lib/tmpfiles.d/keyd.conf", False),
+    ("systemd/sysusers.d/keyd.conf", "usr/lib/sysusers.d/keyd.conf", False),
     ("systemd/keyd.toml.example", "etc/keyd/keyd.toml.example", False),
-    ("systemd/daemon.toml.example", "etc/keyd/daemon.toml.example", False),
     ("docs/keyd.8.md", "usr/share/doc/keyd/keyd.8.md", False),
     ("docs/dbus-api.md", "usr/share/doc/keyd/dbus-api.md", False),
 )
-RELOADS = (("systemctl", "daemon-reload"), ("udevadm", "control", "--reload"),
+# The keyd group first, then dbus re-reads its policy: it read the new file (inotify) before
+# the group existed, and would ignore the group's rule until its next reload.
+RELOADS = (("systemd-sysusers", "/usr/lib/sysusers.d/keyd.conf"),
+           ("systemctl", "daemon-reload"), ("udevadm", "control", "--reload"),
            ("journalctl", "--update-catalog"),
-           ("systemd-tmpfiles", "--create", "/usr/lib/tmpfiles.d/keyd.conf"))
+           ("systemd-tmpfiles", "--create", "/usr/lib/tmpfiles.d/keyd.conf"),
+           ("systemctl", "reload", "dbus.service"))
 _PROGRAM = re.compile(r"/usr/bin/(keydctl|keyd)\b")
 
 
@@ -143,8 +147,8 @@ def register(subparsers: Any) -> None:
     install = subparsers.add_parser(
         "install", help="install keyd's units, udev rules, D-Bus policy and catalog",
         description="Copy keyd.service, keyd-unlocked@.target, keyd-wait@.service, the udev "
-                    "rules, the D-Bus policy, the journal catalog, tmpfiles.d and example "
-                    "configuration to their standard places under ROOT.",
+                    "rules, the D-Bus policy, the journal catalog, tmpfiles.d, sysusers.d (the "
+                    "keyd group) and example configuration to their standard places under ROOT.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     install.add_argument("--root", default="/", metavar="DESTDIR",
                          help="install below DESTDIR (packaging); no reloads unless it is /")

@@ -41,6 +41,7 @@ EXIT_CODES = """exit status:
   4  an external program failed (its exit code and output are shown)
   5  the volume is busy (the processes holding it are listed)
   6  key rejected (wrong key, or a bundle that failed verification)
+  7  not allowed: keyd refused the caller (root and keyd's admin group may unlock/lock)
 """
 
 

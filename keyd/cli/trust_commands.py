@@ -26,13 +26,13 @@ from keyd.trust import luks
 from keyd.trust.enroll import Enroller, EnrollRequest
 from keyd.trust.generations import GenerationStore
 from keyd.trust.gpg import GnuPG
+from keyd.trust.report import StickReport
 from keyd.trust.revocation import Revocations, load_revocations, save_revocations, valid_token
 from keyd.trust.secret import SecretBytes
 from keyd.trust.settings import DEFAULT_STATE_DIR, Limits, TrustSettings
 from keyd.trust.status import normalize_fingerprint
 from keyd.trust.verify import (
     StickIdentity,
-    StickReport,
     Verifier,
     commit,
     load_state,

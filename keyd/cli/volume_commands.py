@@ -1,4 +1,8 @@
-"""keydctl's volume commands in direct mode: unlock, lock, status, doctor, check-config.
+"""keydctl's volume commands: unlock, lock, status, doctor, check-config.
+
+unlock and lock go through keyd when it runs (keyd.cli.remote), else (and with
+``--direct``) they run here in direct mode; status, doctor and check-config
+always read the kernel and the configuration directly.
 
 Handlers take their I/O from an :class:`Environment` (real programs by
 default; unit tests put a fake one in ``args.environment``). Errors are
@@ -21,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
+from keyd.cli import remote
 from keyd.config.model import DEFAULT_CONFIG, Config, CryptLayer, MountLayer, Volume
 from keyd.config.parse import load_config
 from keyd.engine.errors import KeyRejected
 from keyd.engine.lockfile import DEFAULT_RUN_DIR
-from keyd.engine.status import render_table, report, to_json
+from keyd.engine.status import render_table, to_json
 from keyd.errors import ConfigError, KeydError
 
 if TYPE_CHECKING:
@@ -60,6 +65,7 @@ class Environment:
     ask: Callable[[str], str] = getpass.getpass
     sleep: Callable[[float], None] | None = field(default=None)
     root: Path = Path("/")
+    daemon: remote.Connector | None = None  # how to reach keyd; None: never (direct mode)
 
 
 def real_environment() -> Environment:
@@ -67,14 +73,17 @@ def real_environment() -> Environment:
     from keyd.adapters.block import Losetup, Mdadm, Mounter  # noqa: PLC0415 (see module doc)
     from keyd.adapters.cryptsetup import Cryptsetup  # noqa: PLC0415
     from keyd.adapters.system import ProcHolders, Systemctl  # noqa: PLC0415
+    from keyd.adapters.zfs import Zpool  # noqa: PLC0415
     from keyd.engine.observe import KernelObserver  # noqa: PLC0415
     from keyd.engine.ports import Storage  # noqa: PLC0415
     from keyd.runner import SubprocessRunner  # noqa: PLC0415
 
     runner = SubprocessRunner()
-    storage = Storage(Cryptsetup(runner), Mdadm(runner), Mounter(runner), Losetup(runner))
+    storage = Storage(Cryptsetup(runner), Mdadm(runner), Mounter(runner), Losetup(runner),
+                      Zpool(runner))
     return Environment(runner, KernelObserver(runner), storage, ProcHolders(), Systemctl(runner),
-                       sys.stdin.buffer, sys.stdout, sys.stderr, sys.stdin.isatty())
+                       sys.stdin.buffer, sys.stdout, sys.stderr, sys.stdin.isatty(),
+                       daemon=remote.connect_daemon)
 
 
 class StderrProgress:
@@ -116,6 +125,7 @@ def _key_names(volume: Volume) -> list[str]:
 def _key_source(args: argparse.Namespace, env: Environment,
                 volume: Volume) -> FileKeys | PromptKeys:
     from keyd.engine.keys import FileKeys, PromptKeys  # noqa: PLC0415 (see module doc)
+    from keyd.engine.plan import vdev_keys  # noqa: PLC0415
 
     names = _key_names(volume)
     if args.passphrase:
@@ -133,7 +143,8 @@ def _key_source(args: argparse.Namespace, env: Environment,
                              fix=f"its keys are: {', '.join(names) or 'none'}")
         else:
             by_name[match.group(1)] = match.group(2)
-    if names and default is None and set(names) - set(by_name):
+    # A zfs layer's vdev keys may be missing: its degraded policy decides (keyd.engine.plan).
+    if names and default is None and set(names) - set(by_name) - vdev_keys(volume):
         raise UsageError(f"volume {volume.name} needs a key ({', '.join(names)})",
                          fix="pass --key-file PATH (or - for stdin), or --passphrase")
     return FileKeys(default, by_name, env.stdin, lambda path: open(path, "rb"))
@@ -165,6 +176,9 @@ def _report_rollback(env: Environment, error: BaseException) -> None:
 
 def _unlock(args: argparse.Namespace) -> int:
     env = _env(args)
+    link = remote.choose(args, env.daemon)
+    if link is not None:
+        return remote.unlock(link, args, env)
     volume = load_config(args.config).volume(args.volume)
     keys = _key_source(args, env, volume)
     try:
@@ -176,6 +190,8 @@ def _unlock(args: argparse.Namespace) -> int:
         keys.wipe()
     state = "unlocked" if outcome.changed else "already unlocked"
     print(f"volume {volume.name} {state}{_mounted(volume)}", file=env.stdout)
+    for line in outcome.degraded:
+        print(f"keydctl: warning: {line}", file=env.stderr)
     return 0
 
 
@@ -186,6 +202,9 @@ def _mounted(volume: Volume) -> str:
 
 def _lock(args: argparse.Namespace) -> int:
     env = _env(args)
+    link = remote.choose(args, env.daemon)
+    if link is not None:
+        return remote.lock(link, args, env)
     volume = load_config(args.config).volume(args.volume)
     outcome = _engine(env, args).lock(volume, force=args.force)
     print(f"volume {volume.name} {'locked' if outcome.changed else 'already locked'}",
@@ -197,8 +216,7 @@ def _status(args: argparse.Namespace) -> int:
     env = _env(args)
     config = load_config(args.config)
     volumes = [config.volume(args.volume)] if args.volume else list(config.volumes)
-    observed = env.observer.observe(volumes, members=False)
-    reports = [report(volume, observed) for volume in volumes]
+    reports = _engine(env, args).status(volumes)  # with keyd's records of imported pools
     if args.json:
         print(json.dumps(to_json(reports), indent=2), file=env.stdout)
     elif not reports:
@@ -265,10 +283,12 @@ def register(subparsers: Any) -> None:
     common = [_common()]
     unlock = _add(subparsers, "unlock", _unlock, "open a volume's storage stack bottom-up",
                   "Assemble, open and mount every layer of VOLUME that is not open yet.\n"
-                  "If a step fails, everything this run opened is closed again.\n\n"
+                  "If a step fails, everything this run opened is closed again.\n"
+                  "When keyd runs, it does the unlock (and starts the volume's services);\n"
+                  "--direct does it in this process instead.\n\n"
                   "examples:\n  keydctl unlock tank --key-file /media/stick/passphrase\n"
                   "  keydctl unlock work --passphrase\n"
-                  "  keydctl unlock zoo --key-file tc1=/k/one --key-file tc2=/k/two",
+                  "  keydctl unlock zoo --direct --key-file tc1=/k/one --key-file tc2=/k/two",
                   parents=common)
     unlock.add_argument("volume", metavar="VOLUME", help="volume name from the configuration")
     source = unlock.add_mutually_exclusive_group()
@@ -278,15 +298,21 @@ def register(subparsers: Any) -> None:
     source.add_argument("--passphrase", action="store_true",
                         help="ask for each passphrase (or read one line per key from stdin)")
     unlock.add_argument("--start-services", action="store_true",
-                        help="start the volume's configured services afterwards")
+                        help="start the volume's configured services afterwards (keyd always "
+                             "does)")
     _add_wait(unlock)
+    remote.add_options(unlock)
     lock = _add(subparsers, "lock", _lock, "close a volume's storage stack top-down",
                 "Unmount, detach, close and stop every layer of VOLUME that keyd opened.\n"
-                "Refuses while processes use the volume, and lists them.", parents=common)
+                "Refuses while processes use the volume, and lists them.\n"
+                "When keyd runs, it does the lock (stopping the volume's services first);\n"
+                "--direct does it in this process instead.", parents=common)
     lock.add_argument("volume", metavar="VOLUME", help="volume name from the configuration")
     lock.add_argument("--force", action="store_true",
-                      help="stop the volume's configured services first (never kills)")
+                      help="stop the volume's configured services first (never kills; keyd "
+                           "always does)")
     _add_wait(lock)
+    remote.add_options(lock)
     status = _add(subparsers, "status", _status, "show volumes and their layers",
                   "Show each volume's state and every layer: device, degraded flag, "
                   "mountpoint.", parents=common)

@@ -112,6 +112,14 @@ class Table:
                              f"use a value from {minimum} to {maximum}")
         return value
 
+    def number(self, key: str, *, minimum: float = 0.0, above: bool = False) -> float | None:
+        """A number (integer or float) >= ``minimum`` (> with ``above``), or None when absent."""
+        value: float | None = self._get(key, (int, float), "a number", False)
+        if value is not None and (value < minimum or (above and value == minimum)):
+            raise self.error(key, f"{key} = {value} is out of range",
+                             f"use a number {'>' if above else '>='} {minimum:g}")
+        return None if value is None else float(value)
+
     def flag(self, key: str, default: bool = False) -> bool:
         """A boolean, ``default`` when absent."""
         value: bool | None = self._get(key, (bool,), "true or false", False)

@@ -16,8 +16,9 @@ from keyd.config.model import Layer
 
 # Which kinds each kind may sit on, and how many lower layers it takes.
 _LOWER_KINDS = {"crypt": ("raid", "crypt", "loop"), "mount": ("raid", "crypt", "loop"),
-                "loop": ("mount",), "raid": ()}
-_LOWER_COUNT = {"crypt": (0, 1), "mount": (0, 1), "loop": (1, 1), "raid": (0, 0)}
+                "loop": ("mount",), "raid": (), "zfs": ("crypt",)}
+_LOWER_COUNT = {"crypt": (0, 1), "mount": (0, 1), "loop": (1, 1), "raid": (0, 0),
+                "zfs": (1, 64)}
 
 
 def order_layers(source: Source, volume: str,
@@ -47,6 +48,11 @@ def _check_lowers(source: Source, volume: str, layer: Layer, layers: dict[str, L
                            "fix the below list")
     for name in layer.below:
         lower = layers.get(name)
+        if lower is not None and lower.kind == "zfs":
+            raise source.error(_where(volume, layer.name), "below",
+                               f"nothing sits on zfs layer {name!r}: zfs mounts the pool's "
+                               "datasets itself", f"remove layer {layer.name!r}; set the "
+                               "datasets' mountpoint property (or the zfs layer's altroot)")
         if lower is None:
             known = ", ".join(sorted(layers))
             raise source.error(_where(volume, layer.name), "below",

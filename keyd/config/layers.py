@@ -22,6 +22,8 @@ from keyd.config.model import (
     LoopLayer,
     MountLayer,
     RaidLayer,
+    ZfsDegradedMode,
+    ZfsLayer,
 )
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}$")
@@ -37,7 +39,11 @@ TCRYPT_HASHES = ("sha512", "sha256", "whirlpool", "ripemd160", "streebog")
 # a pin such as "serpent-twofish-aes" names a chain, never a mode ("xts-plain64").
 TCRYPT_CIPHERS = ("aes", "serpent", "twofish", "camellia", "kuznyechik", "blowfish_le", "cast5",
                   "des3_ede")
-PLANNED_KINDS = {"zfs": "issue 7 (ZFS pools) adds it"}
+PLANNED_KINDS: dict[str, str] = {}
+# zpool(8): a letter first, then letters, digits and _-.: ; some words name vdev types instead.
+_POOL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,254}$")
+_POOL_RESERVED = re.compile(r"^(mirror|raidz|draid|spare|log|c[0-9])")
+_POOL_GUID = re.compile(r"^[0-9]{1,20}$")
 
 
 def normalize_uuid(text: str) -> str | None:
@@ -246,5 +252,65 @@ def parse_mount(name: str, table: Table) -> MountLayer:
     return layer
 
 
+def parse_zfs(name: str, table: Table) -> ZfsLayer:
+    """``kind = "zfs"``: pool and/or guid, below (crypt layers), import options, degraded."""
+    if "mountpoint" in table.data:
+        raise table.error("mountpoint", "a zfs layer has no mountpoint: each dataset carries "
+                                        "its own mountpoint property",
+                          'remove it; set altroot = "/mnt/x" to import the pool under a '
+                          "directory, or `zfs set mountpoint=... POOL/DATASET` once")
+    layer = ZfsLayer(name=name, pool=_pool_name(table), below=_below(table),
+                     guid=_pool_guid(table),
+                     search_dir=_zfs_dir(table, "search_dir") or "/dev/mapper",
+                     altroot=_zfs_dir(table, "altroot"), read_only=table.flag("read_only"),
+                     mount=table.flag("mount", True), degraded=_zfs_degraded(table))
+    if layer.pool is None and layer.guid is None:
+        raise table.error(None, "a zfs layer needs the pool's name or its GUID",
+                          'add pool = "<name>" (and guid = "<zpool get -H -o value guid>" '
+                          "when names clash)")
+    if not layer.below:
+        raise table.error("below", "a zfs layer imports its pool from the crypt layers below it",
+                          'list them: below = ["tc1", "tc2"]')
+    return layer
+
+
+def _pool_name(table: Table) -> str | None:
+    pool = table.text("pool")
+    if pool is not None and (not _POOL_NAME.match(pool) or _POOL_RESERVED.match(pool)):
+        raise table.error("pool", f"pool = {pool!r} is not a ZFS pool name",
+                          "pool names start with a letter, use letters, digits and _-.: and "
+                          "do not start with mirror, raidz, draid, spare, log or c<digit>")
+    return pool
+
+
+def _pool_guid(table: Table) -> str | None:
+    guid = table.text("guid")
+    if guid is not None and not (_POOL_GUID.match(guid) and int(guid) < 2**64):
+        raise table.error("guid", f"guid = {guid!r} is not a pool GUID",
+                          'write the decimal number in quotes, e.g. guid = "16093900627180053822" '
+                          "(`zpool import` lists it as id)")
+    return guid
+
+
+def _zfs_dir(table: Table, key: str) -> str | None:
+    path = table.text(key)
+    if path is not None and (not path.startswith("/") or ".." in path.split("/")):
+        raise table.error(key, f"{key} = {path!r} is not an absolute directory",
+                          'use an absolute path such as "/dev/mapper" or "/mnt/pool"')
+    return path
+
+
+def _zfs_degraded(table: Table) -> ZfsDegradedMode:
+    text = table.text("degraded")
+    if text is None or text == "never":
+        return "never"
+    if text == "always":
+        return "always"
+    raise table.error("degraded", f"degraded = {text!r} is not a zfs degraded policy",
+                      'use "never" (refuse unless every vdev\'s layer opens) or "always" '
+                      "(import with the vdevs that open; zfs reports the pool DEGRADED)")
+
+
 PARSERS: dict[str, Callable[[str, Table], Layer]] = {
-    "raid": parse_raid, "crypt": parse_crypt, "loop": parse_loop, "mount": parse_mount}
+    "raid": parse_raid, "crypt": parse_crypt, "loop": parse_loop, "mount": parse_mount,
+    "zfs": parse_zfs}

@@ -23,6 +23,7 @@ DEFAULT_REVOCATIONS = "/etc/keyd/revoked.toml"
 CryptType = Literal["luks", "plain", "tcrypt", "veracrypt"]
 KeyFormat = Literal["passphrase", "binary"]
 DegradedMode = Literal["never", "after", "always"]
+ZfsDegradedMode = Literal["never", "always"]
 
 
 @dataclass(frozen=True)
@@ -109,18 +110,77 @@ class MountLayer:
     kind: Literal["mount"] = "mount"
 
 
-Layer = RaidLayer | CryptLayer | LoopLayer | MountLayer
+@dataclass(frozen=True)
+class ZfsLayer:
+    """A ZFS pool imported from the crypt mappings below it (its vdevs).
+
+    ``pool`` is the name, ``guid`` the pool GUID (decimal; needed when names clash);
+    zfs mounts the datasets itself (``mount``), so nothing sits on a zfs layer.
+    ``degraded`` says whether the pool may be imported with a vdev's layer missing.
+    """
+
+    name: str
+    pool: str | None
+    below: tuple[str, ...]
+    guid: str | None = None
+    search_dir: str = "/dev/mapper"
+    altroot: str | None = None
+    read_only: bool = False
+    mount: bool = True
+    degraded: ZfsDegradedMode = "never"
+    kind: Literal["zfs"] = "zfs"
+
+    @property
+    def target(self) -> str:
+        """What ``zpool import`` is given: the GUID when configured, else the name."""
+        return self.guid or self.pool or ""
+
+    @property
+    def label(self) -> str:
+        """The pool as people name it in messages."""
+        return self.pool or f"guid {self.guid}"
+
+
+Layer = RaidLayer | CryptLayer | LoopLayer | MountLayer | ZfsLayer
+Dependents = Literal["degraded", "skip"]
+
+
+@dataclass(frozen=True)
+class VolumePolicy:
+    """How the daemon treats one volume (times in seconds); keys of [volume.NAME] and [daemon]."""
+
+    auto_unlock: bool = True          # unlock when a stick with a valid bundle appears
+    lock_on_removal: bool = False     # lock when the stick that unlocked it is pulled
+    grace: float = 30.0               # ... after this long without it
+    key_timeout: float = 90.0         # at start-up, wait this long for a stick
+    passphrase: bool = False          # then ask with systemd-ask-password
+    passphrase_timeout: float = 120.0
+    dependents: Dependents = "skip"   # a volume still locked then: dependents skipped/degraded
+    member_wait: float = 120.0        # wait for missing RAID members before giving up
+    lock_retries: int = 2             # busy lock: retries after stopping services
+    lock_retry_delay: float = 5.0
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """The ``[daemon]`` table: daemon-wide keys and the volume policy every volume starts from."""
+
+    backoff_base: float = 2.0          # seconds after a stick's first failure, doubling
+    backoff_max: float = 600.0
+    admin_group: str | None = None     # members may call state-changing D-Bus methods
+    defaults: VolumePolicy = VolumePolicy()
 
 
 @dataclass(frozen=True)
 class Volume:
-    """One storage stack: its layers bottom-up, its top layer and its services."""
+    """One storage stack: its layers bottom-up, its top layer, its services and daemon policy."""
 
     name: str
     layers: tuple[Layer, ...]
     top: str
     services: tuple[str, ...] = ()
     description: str = ""
+    policy: VolumePolicy = VolumePolicy()
 
     def layer(self, name: str) -> Layer:
         """The layer called ``name``; a missing name is a programming error."""
@@ -150,6 +210,7 @@ class Config:
     file: str
     volumes: tuple[Volume, ...] = ()
     trust: TrustConfig = TrustConfig()
+    daemon: DaemonSettings = DaemonSettings()
 
     def volume(self, name: str) -> Volume:
         """The volume called ``name``, or a ConfigError listing the configured ones."""

@@ -24,6 +24,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from keyd.config.daemon import daemon_settings, volume_policy
 from keyd.config.fields import Source, Table
 from keyd.config.graph import order_layers
 from keyd.config.layers import NAME, NAME_RULE, PARSERS, PLANNED_KINDS
@@ -37,6 +38,8 @@ from keyd.config.model import (
     RaidLayer,
     TrustConfig,
     Volume,
+    VolumePolicy,
+    ZfsLayer,
 )
 from keyd.errors import ConfigError
 from keyd.trust.status import normalize_fingerprint
@@ -76,18 +79,19 @@ def parse_config(text: str, file: str) -> Config:
                           line=int(match.group(1)) if match else None) from None
     root = Table(source, "", data)
     trust = _trust(Table(source, "trust", root.subtable("trust")))
-    volumes = tuple(_volume(source, name, body)
+    daemon = daemon_settings(Table(source, "daemon", root.subtable("daemon")))
+    volumes = tuple(_volume(source, name, body, daemon.defaults)
                     for name, body in root.subtable("volume").items())
     _reject_unknown_top(root)
     _check_across(source, volumes)
-    return Config(file=file, volumes=volumes, trust=trust)
+    return Config(file=file, volumes=volumes, trust=trust, daemon=daemon)
 
 
 def _reject_unknown_top(root: Table) -> None:
     for key in root.data:
         if key not in root.used:
             raise root.source.error(key, None, f"unknown table or key {key!r}",
-                                    "the file has [trust] and [volume.<name>] tables only")
+                                    "the file has [trust], [daemon] and [volume.<name>] tables only")
 
 
 def _trust(table: Table) -> TrustConfig:
@@ -115,7 +119,7 @@ def _fingerprint(table: Table, text: str) -> str:
     return fpr
 
 
-def _volume(source: Source, name: str, body: Any) -> Volume:
+def _volume(source: Source, name: str, body: Any, defaults: VolumePolicy) -> Volume:
     path = f"volume.{name}"
     if not NAME.match(name):
         raise source.error(path, None, f"volume name {name!r} is not allowed",
@@ -130,12 +134,13 @@ def _volume(source: Source, name: str, body: Any) -> Volume:
             raise table.error("services", f"{unit!r} is not a systemd unit name",
                               'write full unit names such as "smbd.service"')
     description = table.text("description") or ""
+    policy = volume_policy(table, defaults)
     layers = {lname: _layer(source, name, lname, lbody)
               for lname, lbody in table.subtable("layer").items()}
     table.done()
     ordered, top = order_layers(source, name, layers)
     return Volume(name=name, layers=ordered, top=top, services=services,
-                  description=description)
+                  description=description, policy=policy)
 
 
 def _layer(source: Source, volume: str, name: str, body: Any) -> Layer:
@@ -182,4 +187,7 @@ def _claims(layer: Layer) -> list[tuple[str, str]]:
         claims.append(("device", layer.device))
     if isinstance(layer, MountLayer):
         claims.append(("mountpoint", layer.mountpoint))
+    if isinstance(layer, ZfsLayer):
+        claims += [("pool", layer.pool)] if layer.pool else []
+        claims += [("guid", layer.guid)] if layer.guid else []
     return claims

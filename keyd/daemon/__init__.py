@@ -2,7 +2,7 @@
 
 Layout: :mod:`~keyd.daemon.machine` (pure transitions), :mod:`~keyd.daemon.uevents`
 (pure edge translation), :mod:`~keyd.daemon.backoff` (pure per-stick backoff),
-:mod:`~keyd.daemon.policy` (the daemon's configuration), :mod:`~keyd.daemon.core`
+(the daemon's policy keys are in keyd.toml: :mod:`keyd.config.daemon`), :mod:`~keyd.daemon.core`
 (dispatches events, keeps states), :mod:`~keyd.daemon.actions` (carries effects out),
 :mod:`~keyd.daemon.main` (the GLib loop), :mod:`~keyd.daemon.dbus_api` and
 :mod:`~keyd.daemon.client` (the D-Bus interface and its client).

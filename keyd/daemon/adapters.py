@@ -9,29 +9,38 @@ from keyd.daemon.uevents import StickInfo
 from keyd.errors import KeydError, ProgramError
 from keyd.runner import Runner
 from keyd.trust.errors import TrustError
-from keyd.trust.gpg import GnuPG
+from keyd.trust.report import StickReport
 from keyd.trust.secret import SecretBytes
 from keyd.trust.settings import TrustSettings
-from keyd.trust.stick_mount import StickMounter
-from keyd.trust.verify import StickIdentity, StickReport, Verifier, commit, load_state, refused
 
 log = logging.getLogger("keyd.daemon")
 
 
 class TrustChecker:
-    """Mount the stick read-only and privately, read its bundle, unmount, verify it."""
+    """Mount the stick read-only and privately, read its bundle, unmount, verify it.
+
+    The verification pipeline (stick mounting, bundle reading, manifests, python-gnupg,
+    hashing) is imported by :meth:`check` and :meth:`commit`, on the first stick, and not
+    at start-up: keyd sends READY=1 sooner and an idle keyd never loads it (issue 6's
+    start-up and memory bars; see benchmarks/bench_daemon_idle.py).
+    """
 
     def __init__(self, runner: Runner, settings: TrustSettings) -> None:
+        self.runner = runner
         self.settings = settings
-        self.mounter = StickMounter(runner, run_dir=settings.run_dir,
-                                    filesystems=settings.filesystems, limits=settings.limits)
 
     def check(self, stick: StickInfo) -> StickReport:
         """See StickChecker.check; every trust failure becomes a refusal report."""
         if not self.settings.signers:
             return StickReport(None, "no signer is pinned in [trust] signers: nothing is trusted")
+        # The pipeline, on first use (see the class docstring).
+        from keyd.trust.gpg import GnuPG  # noqa: PLC0415
+        from keyd.trust.stick_mount import StickMounter  # noqa: PLC0415
+        from keyd.trust.verify import StickIdentity, Verifier, load_state, refused  # noqa: PLC0415
+        mounter = StickMounter(self.runner, run_dir=self.settings.run_dir,
+                               filesystems=self.settings.filesystems, limits=self.settings.limits)
         try:
-            read = self.mounter.read(stick.devnode, stick.fstype)
+            read = mounter.read(stick.devnode, stick.fstype)
             log.info("stick %s was mounted for %.3f s", stick.devnode, read.mounted_seconds)
             gpg = GnuPG(self.settings.gnupghome)
             with read.bundle:
@@ -43,6 +52,7 @@ class TrustChecker:
 
     def commit(self, report: StickReport) -> None:
         """See StickChecker.commit."""
+        from keyd.trust.verify import commit  # noqa: PLC0415 (see the class docstring)
         commit(report, self.settings)
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from gi.repository import Gio, GLib
 
-from keyd.daemon.dbus_api import BUS_NAME, INTERFACE, OBJECT_PATH
+from keyd.daemon.bus_names import BUS_NAME, INTERFACE, OBJECT_PATH
 from keyd.errors import KeydError
 
 BusFactory = Callable[[], Any]
@@ -29,7 +29,9 @@ class DaemonError(KeydError):
 
 
 class DaemonAccessDenied(DaemonError):
-    """The caller may not change volume states."""
+    """The caller may not change volume states (keyd or the bus policy said no)."""
+
+    exit_code = 7
 
 
 class DaemonNoSuchVolume(DaemonError):
@@ -56,9 +58,10 @@ class DaemonBusy(DaemonError):
     exit_code = 5
 
 
+_BUS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"  # refused by the bus policy
 _ERRORS: dict[str, type[DaemonError]] = {
     "org.keyd.Keyd1.Error.AccessDenied": DaemonAccessDenied,
-    "org.freedesktop.DBus.Error.AccessDenied": DaemonAccessDenied,  # refused by the bus policy
+    _BUS_DENIED: DaemonAccessDenied,
     "org.keyd.Keyd1.Error.NoSuchVolume": DaemonNoSuchVolume,
     "org.keyd.Keyd1.Error.BadRequest": DaemonBadRequest,
 }
@@ -78,7 +81,7 @@ def bus_at(address: str) -> BusFactory:
     return factory
 
 
-def translate_error(error: Exception) -> KeydError:
+def translate_error(error: Exception, method: str = "") -> KeydError:
     """A D-Bus error ("GDBus.Error:NAME: message") as a KeydError with the daemon's message."""
     text = str(getattr(error, "message", None) or error)
     name = ""
@@ -86,6 +89,8 @@ def translate_error(error: Exception) -> KeydError:
         name, _, text = text[len(_REMOTE):].partition(": ")
     cls = _ERRORS.get(name, DaemonError)
     first = text.splitlines()[0] if text else "keyd failed the request"
+    if name == _BUS_DENIED:  # the bus's own rejection reads "Rejected send message, ..."
+        first = f"keyd's D-Bus policy does not let uid {os.getuid()} call {method or 'this'}"
     return cls(first, fix="run as root or as a member of keyd's admin group"
                if cls is DaemonAccessDenied else None)
 
@@ -114,7 +119,7 @@ class KeydClient:
         try:
             return getattr(self.proxy, method)(*args)
         except GLib.Error as exc:
-            raise translate_error(exc) from None
+            raise translate_error(exc, method) from None
 
     def list_volumes(self) -> list[tuple[str, str, str]]:
         """(name, state, detail) per volume."""
@@ -141,7 +146,7 @@ class KeydClient:
                 BUS_NAME, OBJECT_PATH, INTERFACE, "Unlock", GLib.Variant("(sh)", (volume, 0)),
                 GLib.VariantType.new("(s)"), Gio.DBusCallFlags.NONE, CALL_TIMEOUT_MS, fds, None)
         except GLib.Error as exc:
-            raise translate_error(exc) from None
+            raise translate_error(exc, "Unlock") from None
         finally:
             os.close(fd)
         return str(reply.unpack()[0])
@@ -230,7 +235,28 @@ def lock_outcome(volume: str, state: str, detail: str) -> str:
                       fix=f"see `keydctl audit --volume {volume}`")
 
 
-def remote_unlock(client: KeydClient, volume: str, *, key: bytes | bytearray | None = None,
+class DaemonLink(Protocol):
+    """What keydctl needs of a connection to keyd (:class:`KeydClient`; fakes in tests)."""
+
+    def get_volume(self, volume: str) -> dict[str, str]:
+        """See KeydClient."""
+
+    def lock(self, volume: str) -> str:
+        """See KeydClient."""
+
+    def unlock_passphrase(self, volume: str, passphrase: str) -> str:
+        """See KeydClient."""
+
+    def unlock_key(self, volume: str, key: bytes | bytearray) -> str:
+        """See KeydClient."""
+
+    def wait(self, volume: str, *, until: Iterable[str] = FINAL_STATES,
+             timeout: float = 300.0,
+             done: Callable[[str, str], bool] | None = None) -> tuple[str, str]:
+        """See KeydClient."""
+
+
+def remote_unlock(client: DaemonLink, volume: str, *, key: bytes | bytearray | None = None,
                   passphrase: str | None = None, timeout: float = 300.0) -> str:
     """Unlock through the daemon and wait for the outcome; returns the message to print."""
     if key is not None:
@@ -242,7 +268,7 @@ def remote_unlock(client: KeydClient, volume: str, *, key: bytes | bytearray | N
     return unlock_outcome(volume, *client.wait(volume, timeout=timeout, until=FINAL_STATES))
 
 
-def remote_lock(client: KeydClient, volume: str, *, timeout: float = 300.0) -> str:
+def remote_lock(client: DaemonLink, volume: str, *, timeout: float = 300.0) -> str:
     """Lock through the daemon and wait for the outcome; returns the message to print."""
     client.lock(volume)
     return lock_outcome(volume, *client.wait(volume, timeout=timeout,

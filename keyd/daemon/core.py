@@ -17,14 +17,13 @@ from typing import Any
 from keyd.audit.ids import AuditEvent as A
 from keyd.audit.record import PRIORITY_NOTICE, PRIORITY_WARNING, AuditRecord, duration_ms
 from keyd.audit.sink import AuditSink
-from keyd.config.model import Config, Volume
+from keyd.config.model import Config, DaemonSettings, Volume, VolumePolicy
 from keyd.daemon import effects as ef
 from keyd.daemon import events as ev
 from keyd.daemon import workers
 from keyd.daemon.backoff import Backoff
 from keyd.daemon.keystore import KeyStore
 from keyd.daemon.machine import Locked, Locking, State, Unlocking, transition
-from keyd.daemon.policy import DaemonPolicy
 from keyd.daemon.ports import (
     Announcer,
     PassphraseAsker,
@@ -42,8 +41,8 @@ from keyd.daemon.uevents import (
     UEvent,
 )
 from keyd.errors import KeydError, user_message
+from keyd.trust.report import StickReport, Verdict
 from keyd.trust.secret import SecretBytes
-from keyd.trust.verify import StickReport, Verdict
 
 log = logging.getLogger("keyd.daemon")
 
@@ -81,17 +80,16 @@ class DaemonPorts:
 class Daemon:
     """Keeps each volume's state and carries out what the machine decides."""
 
-    def __init__(self, config: Config, policy: DaemonPolicy, ports: DaemonPorts,
-                 loop: Scheduler) -> None:
+    def __init__(self, config: Config, ports: DaemonPorts, loop: Scheduler) -> None:
         self.config = config
-        self.policy = policy
+        self.settings: DaemonSettings = config.daemon
         self.ports = ports
         self.loop = loop
         self.volumes: dict[str, Volume] = {v.name: v for v in config.volumes}
         self.states: dict[str, State] = {name: Locked() for name in self.volumes}
         self.details: dict[str, str] = dict.fromkeys(self.volumes, "")
         self.keys = KeyStore()
-        self.backoff = Backoff(policy.backoff_base, policy.backoff_max)
+        self.backoff = Backoff(config.daemon.backoff_base, config.daemon.backoff_max)
         self.sticks: dict[str, StickInfo] = {}
         self._timers: dict[tuple[str, ef.Timer], Any] = {}
         self._retries: dict[str, Any] = {}
@@ -149,6 +147,10 @@ class Daemon:
         self._retries.clear()
         self.keys.wipe_all()
 
+    def policy(self, volume: str) -> VolumePolicy:
+        """How ``volume`` is treated (its keyd.toml keys over the [daemon] defaults)."""
+        return self.volumes[volume].policy
+
     # -- events ----------------------------------------------------------------------------
 
     def dispatch(self, volume: str, event: ev.Event) -> None:
@@ -156,7 +158,7 @@ class Daemon:
         before = self.states[volume]
         if isinstance(event, ev.UnlockSucceeded) and isinstance(before, Unlocking):
             self._commit(before.pending.key.ref)
-        after, effects = transition(before, event, self.policy.for_volume(volume))
+        after, effects = transition(before, event, self.policy(volume))
         self.states[volume] = after
         if type(after) is not type(before):
             log.info("volume %s: %s -> %s (%s)", volume, before.name, after.name,
@@ -347,6 +349,8 @@ class Daemon:
         """Write one audit record (about ``volume`` if given)."""
         priority = PRIORITY_WARNING if event in _WARN else PRIORITY_NOTICE
         prefix = f"volume {volume}: " if volume else ""
+        if message.startswith(prefix):  # verdicts already name their volume
+            prefix = ""
         self.ports.sink.emit(AuditRecord(event, prefix + message, volume=volume,
                                          duration_ms=duration_ms(seconds), priority=priority,
                                          **fields))
@@ -356,7 +360,7 @@ class Daemon:
     def volume_info(self, volume: str) -> dict[str, str]:
         """The daemon's view of one volume (D-Bus GetVolume)."""
         state = self.states[volume]
-        policy = self.policy.for_volume(volume)
+        policy = self.policy(volume)
         mountpoint = next((layer.mountpoint for layer in self.volumes[volume].layers
                            if layer.kind == "mount" and layer.name == self.volumes[volume].top),
                           "")
@@ -365,9 +369,9 @@ class Daemon:
                 "key_timed_out": str(getattr(state, "timed_out", False)).lower(),
                 "lock_on_removal": str(policy.lock_on_removal).lower()}
 
-    def request_unlock(self, volume: str, secret: SecretBytes) -> str:
+    def request_unlock(self, volume: str, secret: SecretBytes, by: str | None = None) -> str:
         """Use a key given over D-Bus; returns the state right after (usually unlocking)."""
-        self.dispatch(volume, ev.KeyArrived(self.keys.put(secret), "dbus"))
+        self.dispatch(volume, ev.KeyArrived(self.keys.put(secret), "dbus", by=by))
         return self.states[volume].name
 
     def request_lock(self, volume: str, by: str) -> str:

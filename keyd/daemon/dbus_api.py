@@ -15,22 +15,20 @@ import logging
 import os
 import pwd
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydbus.generic import signal
 
 from keyd.audit.ids import AuditEvent
-from keyd.daemon.core import Daemon
+from keyd.daemon.bus_names import API_VERSION, BUS_NAME, INTERFACE, OBJECT_PATH
 from keyd.engine.keys import MAX_KEY_BYTES
 from keyd.errors import KeydError
 from keyd.trust.secret import SecretBytes
 
-log = logging.getLogger("keyd.daemon")
+if TYPE_CHECKING:  # the daemon passes itself in; clients of this module need not load it
+    from keyd.daemon.core import Daemon
 
-BUS_NAME = "org.keyd.Keyd1"
-OBJECT_PATH = "/org/keyd/Keyd1"
-INTERFACE = "org.keyd.Keyd1.Manager"
-API_VERSION = "1"
+log = logging.getLogger("keyd.daemon")
 
 INTROSPECTION = f"""
 <node>
@@ -151,18 +149,20 @@ class ManagerService:
 
     def Unlock(self, volume: str, key_fd: int, dbus_context: Any = None) -> str:
         """Unlock with the key read from the passed file descriptor."""
-        self._authorize(dbus_context, volume)
+        uid = self._authorize(dbus_context, volume)
         fd_list = dbus_context._mi.get_message().get_unix_fd_list()
         if fd_list is None or key_fd >= fd_list.get_length():
             raise BadRequest("no file descriptor came with the call",
                              fix="pass the key as a UnixFD (type h) with the call")
-        return self.daemon.request_unlock(volume, read_key_fd(fd_list.get(key_fd)))
+        return self.daemon.request_unlock(volume, read_key_fd(fd_list.get(key_fd)),
+                                          f"D-Bus request by uid {uid}")
 
     def UnlockWithPassphrase(self, volume: str, passphrase: str,
                              dbus_context: Any = None) -> str:
         """Unlock with a passphrase."""
-        self._authorize(dbus_context, volume)
-        return self.daemon.request_unlock(volume, SecretBytes(passphrase.encode("utf-8")))
+        uid = self._authorize(dbus_context, volume)
+        return self.daemon.request_unlock(volume, SecretBytes(passphrase.encode("utf-8")),
+                                          f"D-Bus request by uid {uid}")
 
     def Lock(self, volume: str, dbus_context: Any = None) -> str:
         """Lock the volume (services are stopped first; busy volumes stay unlocked)."""
@@ -181,7 +181,7 @@ class ManagerService:
     def _authorize(self, context: Any, volume: str) -> int:
         self._volume(volume)
         uid = int(context.bus.dbus.GetConnectionUnixUser(context.sender))
-        if not may_change(uid, self.daemon.policy.admin_group, self.groups_of):
+        if not may_change(uid, self.daemon.settings.admin_group, self.groups_of):
             self.daemon.audit(volume, AuditEvent.DBUS_DENIED,
                               f"{context.method_name} by uid {uid} denied",
                               result="denied", reason=f"uid {uid}")

@@ -31,6 +31,7 @@ class KeyArrived:
     serial: str | None = None
     signer: str | None = None
     bundle_id: str | None = None
+    by: str | None = None  # who handed it in (D-Bus: "D-Bus request by uid N"), for the audit
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from keyd.audit.sink import MemorySink
-from keyd.config import Volume, parse_config
+from keyd.config import Config, Volume, parse_config
+from keyd.config.model import DaemonSettings, VolumePolicy
 from keyd.daemon.core import Daemon, DaemonPorts
-from keyd.daemon.policy import DaemonPolicy, VolumePolicy
 from keyd.daemon.uevents import StickInfo
 from keyd.engine.assess import LayerStatus
 from keyd.engine.errors import Holder, KeyRejected, VolumeBusy
@@ -25,8 +25,8 @@ from keyd.engine.status import VolumeReport
 from keyd.errors import KeydError
 from keyd.trust.errors import Reason
 from keyd.trust.manifest import KeyEntry, Manifest
+from keyd.trust.report import StickReport, Verdict
 from keyd.trust.secret import SecretBytes
-from keyd.trust.verify import StickReport, Verdict
 
 CONFIG = parse_config(textwrap.dedent("""
     [volume.tank]
@@ -266,12 +266,18 @@ class Harness:
         return self.sink.events()
 
 
-def harness(policy: DaemonPolicy | None = None, loop: Any = None,
+def with_policy(config: Config, settings: DaemonSettings, policy: VolumePolicy) -> Config:
+    """``config`` with ``settings`` and every volume under ``policy`` (as keyd.toml would give)."""
+    volumes = tuple(replace(volume, policy=policy) for volume in config.volumes)
+    return replace(config, volumes=volumes, daemon=replace(settings, defaults=policy))
+
+
+def harness(settings: DaemonSettings | None = None, loop: Any = None,
             **volume_policy: Any) -> Harness:
     """A real Daemon on fake ports (and a FakeLoop unless ``loop`` is given)."""
-    policy = policy or DaemonPolicy(defaults=VolumePolicy(**volume_policy))
+    config = with_policy(CONFIG, settings or DaemonSettings(), VolumePolicy(**volume_policy))
     loop = loop or FakeLoop()
     engine, units = FakeEngine(), FakeUnits()
     sticks, asker, sink, signals = FakeSticks(), FakeAsker(), MemorySink(), Signals()
-    daemon = Daemon(CONFIG, policy, DaemonPorts(engine, units, sticks, asker, sink, signals), loop)
+    daemon = Daemon(config, DaemonPorts(engine, units, sticks, asker, sink, signals), loop)
     return Harness(daemon, loop, engine, units, sticks, asker, sink, signals)

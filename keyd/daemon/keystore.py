@@ -11,8 +11,8 @@ import itertools
 import threading
 from dataclasses import dataclass
 
+from keyd.trust.report import StickReport
 from keyd.trust.secret import SecretBytes
-from keyd.trust.verify import StickReport
 
 
 @dataclass

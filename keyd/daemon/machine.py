@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from keyd.audit.ids import AuditEvent as A
+from keyd.config.model import VolumePolicy
 from keyd.daemon import events as ev
 from keyd.daemon.effects import (
     ArmTimer,
@@ -34,7 +35,6 @@ from keyd.daemon.effects import (
     StopServices,
     Timer,
 )
-from keyd.daemon.policy import VolumePolicy
 
 Resume = Literal["locked", "waiting", "timed-out"]
 
@@ -66,6 +66,7 @@ class Pending:
     stick_present: bool = True
     members_timer: bool = False
     members_expired: bool = False
+    serial: str | None = None  # the stick that had unlocked it (kept through a D-Bus re-check)
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,11 @@ def held_ref(state: State) -> str | None:
     return state.pending.key.ref if isinstance(state, Unlocking | WaitingForMembers) else None
 
 
-def _begin_unlock(key: ev.KeyArrived, resume: Resume) -> Result:
-    state = Unlocking(Pending(key, resume))
+def _begin_unlock(key: ev.KeyArrived, resume: Resume, serial: str | None = None) -> Result:
+    state = Unlocking(Pending(key, resume, serial=serial))
     return state, [StartUnlock(key.ref),
-                   Audit(A.UNLOCK_STARTED, f"unlocking with a key from {key.source}",
+                   Audit(A.UNLOCK_STARTED, f"unlocking with a key from {key.source}"
+                         + (f" ({key.by})" if key.by else ""), reason=key.by,
                          serial=key.serial, signer=key.signer, bundle_id=key.bundle_id),
                    signal(state)]
 
@@ -249,7 +251,7 @@ def _unlocked(pending: Pending, event: ev.UnlockSucceeded, policy: VolumePolicy)
     if pending.lock_after:
         state, lock = _begin_lock("request during unlock")
         return state, effects + lock
-    serial = key.serial if key.source == "stick" else None
+    serial = key.serial if key.source == "stick" else pending.serial
     unlocked = Unlocked(serial=serial)
     effects += [StartServices(), signal(unlocked)]
     if serial is not None and not pending.stick_present and policy.lock_on_removal:
@@ -333,14 +335,22 @@ def _grace(state: Unlocked, policy: VolumePolicy) -> Result:
         EmitSignal("unlocked", f"stick removed: locking in {policy.grace:g} s")]
 
 
+def _key_while_unlocked(state: Unlocked, event: ev.KeyArrived) -> Result:
+    if state.grace and event.source == "stick" and event.serial is not None:
+        back = Unlocked(serial=event.serial)
+        return back, [DiscardKey(event.ref), CancelTimer(Timer.GRACE),
+                      Audit(A.GRACE_STARTED, "a valid stick is back: removal lock cancelled",
+                            serial=event.serial, result="cancelled"), signal(back)]
+    if event.source == "dbus" and not state.grace:
+        # A request (keydctl unlock): the engine compares with the kernel, where
+        # `keydctl lock --direct` may have closed the stack behind keyd's back.
+        return _begin_unlock(event, "locked", state.serial)
+    return state, [DiscardKey(event.ref)]
+
+
 def _on_unlocked(state: Unlocked, event: ev.Event, policy: VolumePolicy) -> Result:
     if isinstance(event, ev.KeyArrived):
-        if state.grace and event.source == "stick" and event.serial is not None:
-            back = Unlocked(serial=event.serial)
-            return back, [DiscardKey(event.ref), CancelTimer(Timer.GRACE),
-                          Audit(A.GRACE_STARTED, "a valid stick is back: removal lock cancelled",
-                                serial=event.serial, result="cancelled"), signal(back)]
-        return state, [DiscardKey(event.ref)]
+        return _key_while_unlocked(state, event)
     if (isinstance(event, ev.StickRemoved) and event.serial is not None
             and event.serial == state.serial and policy.lock_on_removal and not state.grace):
         return _grace(state, policy)

@@ -27,6 +27,7 @@ from keyd import __version__
 from keyd.adapters.block import Losetup, Mdadm, Mounter
 from keyd.adapters.cryptsetup import Cryptsetup
 from keyd.adapters.system import ProcHolders, Systemctl
+from keyd.adapters.zfs import Zpool
 from keyd.audit.sink import JournalSink
 from keyd.config.model import DEFAULT_CONFIG, Config
 from keyd.config.parse import load_config
@@ -36,7 +37,6 @@ from keyd.daemon.core import Daemon, DaemonPorts
 from keyd.daemon.dbus_api import ManagerService, publish
 from keyd.daemon.glib_loop import GLibScheduler, UdevWatch
 from keyd.daemon.leftovers import cgroup_processes, wait_for_leftovers
-from keyd.daemon.policy import DEFAULT_POLICY_FILE, DaemonPolicy, load_policy
 from keyd.daemon.ports import UnitManager
 from keyd.engine.lockfile import DEFAULT_RUN_DIR
 from keyd.engine.observe import KernelObserver
@@ -72,8 +72,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                      "trusted, signed USB key stick is plugged in.")
     parser.add_argument("--version", action="version", version=f"keyd {__version__}")
     parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE")
-    parser.add_argument("--policy", default=DEFAULT_POLICY_FILE, metavar="FILE",
-                        help=f"daemon policy (default {DEFAULT_POLICY_FILE}; optional)")
     parser.add_argument("--run-dir", default=DEFAULT_RUN_DIR, metavar="DIR")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR")
     parser.add_argument("--bus", metavar="ADDRESS", help="D-Bus address (default: system bus)")
@@ -87,7 +85,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def build_engine(runner: Runner, run_dir: str) -> Engine:
     """The storage engine with real programs."""
-    storage = Storage(Cryptsetup(runner), Mdadm(runner), Mounter(runner), Losetup(runner))
+    storage = Storage(Cryptsetup(runner), Mdadm(runner), Mounter(runner), Losetup(runner),
+                      Zpool(runner))
     return Engine(KernelObserver(runner), storage, ProcHolders(), Systemctl(runner),
                   run_dir=run_dir)
 
@@ -110,7 +109,7 @@ class Runtime:
     loop: Any
 
 
-def build(args: argparse.Namespace, config: Config, policy: DaemonPolicy) -> Runtime:
+def build(args: argparse.Namespace, config: Config) -> Runtime:
     """Wire the real adapters around the core."""
     runner = SubprocessRunner()
     bus = None if args.no_dbus else (bus_at(args.bus) if args.bus else system_bus)()
@@ -119,7 +118,7 @@ def build(args: argparse.Namespace, config: Config, policy: DaemonPolicy) -> Run
     ports = DaemonPorts(build_engine(runner, args.run_dir), units,
                         TrustChecker(runner, trust_settings(config, args)), AskPassword(runner),
                         JournalSink())
-    daemon = Daemon(config, policy, ports, scheduler)
+    daemon = Daemon(config, ports, scheduler)
     publication = None
     if bus is not None:
         service = ManagerService(daemon)
@@ -174,8 +173,8 @@ def main(argv: Sequence[str] | None = None, notify: Notify = sd_notify) -> int:
                         format="keyd: %(message)s", stream=sys.stderr)
     logging.getLogger("pydbus").setLevel(logging.CRITICAL)  # our own errors say enough
     try:
-        config, policy = load_config(args.config), load_policy(args.policy)
-        runtime = build(args, config, policy)
+        config = load_config(args.config)  # with the daemon's keys ([daemon], per volume)
+        runtime = build(args, config)
     except KeydError as exc:
         print(f"keyd: {user_message(exc)}", file=sys.stderr)
         notify(f"STATUS=failed: {exc.message}")

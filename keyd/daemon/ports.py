@@ -10,8 +10,8 @@ from keyd.daemon.uevents import StickInfo
 from keyd.engine.executor import KeySource
 from keyd.engine.service import Outcome
 from keyd.engine.status import VolumeReport
+from keyd.trust.report import StickReport
 from keyd.trust.secret import SecretBytes
-from keyd.trust.verify import StickReport
 
 
 class Scheduler(Protocol):

@@ -11,9 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from keyd.config.model import CryptLayer, Layer, LoopLayer, MountLayer, RaidLayer, Volume
-from keyd.engine.names import dm_name, is_helper_of, md_name, owns_mapping
-from keyd.engine.observed import DmMapping, MdArray, ObservedState
+from keyd.config.model import (
+    CryptLayer,
+    Layer,
+    LoopLayer,
+    MountLayer,
+    RaidLayer,
+    Volume,
+    ZfsLayer,
+)
+from keyd.engine.names import dm_name, is_helper_of, md_name, owns_mapping, record_key
+from keyd.engine.observed import DmMapping, MdArray, ObservedState, ZfsPool
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,7 @@ class LayerStatus:
     detail: str = ""
     problem: str | None = None
     fix: str | None = None
+    pool: ZfsPool | None = None  # zfs layers: the imported pool, with health and vdevs
 
 
 def assess(volume: Volume, observed: ObservedState) -> dict[str, LayerStatus]:
@@ -185,6 +194,39 @@ def _mount(volume: Volume, layer: Layer, observed: ObservedState,
     return status
 
 
+def _zfs(volume: Volume, layer: Layer, observed: ObservedState,
+         lower: LayerStatus | None) -> LayerStatus:
+    assert isinstance(layer, ZfsLayer)
+    pool = observed.pool(layer.pool, layer.guid)
+    if pool is None:
+        return LayerStatus(layer.name, "zfs", detail=f"pool {layer.label} not imported")
+    foreign = [v.path for v in pool.vdevs if vdev_layer(volume, layer, v.path, observed) is None]
+    if foreign or not pool.vdevs:
+        return LayerStatus(layer.name, "zfs", pool=pool, problem=(
+            f"a pool {pool.name} (guid {pool.guid}) is imported from devices that are not this "
+            f"layer's mappings: {', '.join(foreign) or 'none listed'}"),
+            fix=f"export it yourself (zpool export {pool.name}), or set guid = \"...\" in "
+                "keyd.toml to name this volume's pool")
+    owned = observed.keyd_pools.get(record_key(volume.name, layer.name)) == pool.guid
+    scan = f", last scan: {pool.scan}" if pool.scan else ""
+    # A pool is no block device: its name stands in (as it does in the unlock's results).
+    return LayerStatus(layer.name, "zfs", open=True, owned=owned, device=pool.name,
+                       mountpoint=pool.altroot or None,
+                       degraded=pool.health != "ONLINE", pool=pool,
+                       detail=f"pool {pool.name} {pool.health}{scan}")
+
+
+def vdev_layer(volume: Volume, layer: ZfsLayer, path: str, observed: ObservedState) -> str | None:
+    """The lower layer whose keyd mapping a vdev path names (any /dev spelling), or None."""
+    base = path.rpartition("/")[2]
+    for name in layer.below:
+        mapping = dm_name(volume.name, name)
+        found = observed.dm_named(mapping)
+        if base in (mapping, f"dm-name-{mapping}") or (found and base == found.kname):
+            return name
+    return None
+
+
 _ASSESSORS: Mapping[str, Callable[[Volume, Layer, ObservedState, LayerStatus | None],
                                   LayerStatus]] = {
-    "raid": _raid, "crypt": _crypt, "loop": _loop, "mount": _mount}
+    "raid": _raid, "crypt": _crypt, "loop": _loop, "mount": _mount, "zfs": _zfs}

@@ -1,7 +1,8 @@
 """``keydctl doctor``: can this machine open the configured stacks? Each problem comes with its fix.
 
 Checks: the programs the configuration needs (with their versions), the
-kernel modules (``modprobe -n -v``: loadable, loaded or built in), the plain-mode
+kernel modules (``modprobe -n -v``: loadable, loaded or built in; ``zfs`` and
+zpool/zfs only when a zfs layer is configured, with how to install OpenZFS), the plain-mode
 hashes cryptsetup can compute, the configured devices (present, sector size),
 RAID members found on disk, and the run directory.
 """
@@ -14,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from keyd.config.model import Config, CryptLayer, Layer, LoopLayer, MountLayer, RaidLayer
+from keyd.config.model import (
+    Config,
+    CryptLayer,
+    Layer,
+    LoopLayer,
+    MountLayer,
+    RaidLayer,
+    ZfsLayer,
+)
 from keyd.engine.observed import ObservedState
 from keyd.errors import ProgramError, ProgramMissing
 from keyd.programs import PROGRAMS
@@ -24,6 +33,10 @@ from keyd.runner import Runner
 FS_MODULES = {"ext2": "ext4", "ext3": "ext4", "ext4": "ext4", "xfs": "xfs", "btrfs": "btrfs",
               "ntfs3": "ntfs3", "ntfs-3g": "fuse", "ntfs": "fuse", "fuseblk": "fuse",
               "vfat": "vfat", "exfat": "exfat"}
+# OpenZFS is in Debian's contrib, built for the running kernel by DKMS.
+ZFS_FIX = ("enable Debian's contrib archive (add `contrib` to Components: in "
+           "/etc/apt/sources.list.d/debian.sources), then `apt-get update && apt-get install "
+           "linux-headers-$(uname -r) zfs-dkms zfsutils-linux`")
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ def needed_programs(config: Config) -> list[str]:
     names += ["cryptsetup"] if any(isinstance(x, CryptLayer) for x in layers) else []
     names += ["mdadm"] if any(isinstance(x, RaidLayer) for x in layers) else []
     names += ["losetup"] if any(isinstance(x, LoopLayer) for x in layers) else []
+    names += ["zpool", "zfs"] if any(isinstance(x, ZfsLayer) for x in layers) else []
     names += ["ntfs-3g"] if any(isinstance(x, MountLayer) and x.fstype in ("ntfs-3g", "ntfs")
                                 for x in layers) else []
     names += ["systemctl"] if any(v.services for v in config.volumes) else []
@@ -59,6 +73,7 @@ def needed_modules(config: Config) -> list[str]:
     modules = ["dm_crypt"] if any(isinstance(x, CryptLayer) for x in layers) else []
     modules += ["raid456", "raid1"] if any(isinstance(x, RaidLayer) for x in layers) else []
     modules += ["loop"] if any(isinstance(x, LoopLayer) for x in layers) else []
+    modules += ["zfs"] if any(isinstance(x, ZfsLayer) for x in layers) else []
     for layer in layers:
         if isinstance(layer, MountLayer):
             modules.append(FS_MODULES.get(layer.fstype, layer.fstype))
@@ -73,7 +88,8 @@ def check_programs(runner: Runner, names: Iterable[str]) -> list[Finding]:
         try:
             done = runner.run([name, *program.version_argv], timeout=10, ok_codes=range(256))
         except ProgramMissing as exc:
-            findings.append(Finding("fail", "program", f"{name} is not installed", exc.fix))
+            fix = ZFS_FIX if program.package == "zfsutils-linux" else exc.fix
+            findings.append(Finding("fail", "program", f"{name} is not installed", fix))
             continue
         except ProgramError as exc:
             findings.append(Finding("warn", "program", f"{name}: {exc.message}"))
@@ -110,6 +126,7 @@ def check_modules(runner: Runner, modules: Iterable[str], root: Path = Path("/")
             findings.append(Finding("ok", "module", f"{module}: built into the kernel"))
         else:
             findings.append(Finding("fail", "module", f"{module}: not available for this kernel",
+                                    ZFS_FIX if module == "zfs" else
                                     "install the kernel's modules package "
                                     "(apt-get install linux-image-$(uname -r))"))
     return findings

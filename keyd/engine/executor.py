@@ -20,7 +20,8 @@ from functools import partial
 from typing import Protocol
 
 from keyd.config.model import CryptLayer, Volume
-from keyd.engine.errors import Holder, KeyRejected, StorageError, VolumeBusy
+from keyd.engine.errors import DegradedRefused, Holder, KeyRejected, StorageError, VolumeBusy
+from keyd.engine.names import record_key
 from keyd.engine.observe import Observer
 from keyd.engine.observed import ObservedState
 from keyd.engine.plan import (
@@ -28,6 +29,8 @@ from keyd.engine.plan import (
     AttachLoop,
     CloseCrypt,
     DetachLoop,
+    ExportPool,
+    ImportPool,
     LayerRef,
     Mount,
     OpenCrypt,
@@ -39,7 +42,8 @@ from keyd.engine.plan import (
     WaitForMembers,
     undo_step,
 )
-from keyd.engine.ports import HolderPort, ServicePort, Storage
+from keyd.engine.pool_records import MemoryRecords, PoolRecordPort
+from keyd.engine.ports import HolderPort, ServicePort, Storage, ZfsPort
 from keyd.errors import KeydError
 
 log = logging.getLogger("keyd.engine")
@@ -97,9 +101,13 @@ class Executor:
     progress: Progress = field(default_factory=QuietProgress)
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    records: PoolRecordPort = field(default_factory=MemoryRecords)
+    # What the last unlock had to accept, e.g. a pool imported DEGRADED (said to the user).
+    degraded: list[str] = field(default_factory=list)
 
     def unlock(self, volume: Volume, plan: Plan) -> dict[str, str]:
-        """Run an unlock plan; return layer -> device for every open layer."""
+        """Run an unlock plan; return layer -> device (zfs: pool name) for every open layer."""
+        self.degraded = []
         run = _Run(devices=dict(plan.devices))
         try:
             for step in plan.steps:
@@ -138,8 +146,27 @@ class Executor:
             device = self.storage.loops.attach(label, step.image, read_only=step.read_only)
         elif isinstance(step, Mount):
             device = self._mount(volume, step, run, label)
+        elif isinstance(step, ImportPool):
+            self._import(step, run, label)
+            return
         run.opened.append((step, device))
         run.devices[_layer_name(step)] = device or ""
+
+    def _import(self, step: ImportPool, run: _Run, label: str) -> None:
+        pool = _zfs(self.storage).import_pool(label, step.layer)
+        self.records.save(record_key(step.volume, step.layer.name), pool.guid)
+        run.opened.append((step, pool.name))  # from here on, rollback exports it
+        run.devices[step.layer.name] = pool.name
+        if pool.health == "ONLINE":
+            return
+        why = f"without {', '.join(step.missing)}" if step.missing else "a vdev failed to open"
+        text = f"zfs pool {pool.name} of {label} was imported {pool.health} ({why})"
+        if step.layer.degraded == "never":
+            raise DegradedRefused(f"{text}; its degraded policy is never",
+                                  fix="see `zpool status -P " + pool.name + "` before "
+                                      "unlocking again, or set degraded = \"always\"")
+        log.warning("%s", text)
+        self.degraded.append(text)
 
     def _open_crypt(self, volume: Volume, step: OpenCrypt, run: _Run) -> str:
         source = _resolve(step.source, run)
@@ -202,6 +229,8 @@ class Executor:
 
     def _busy(self, plan: Plan, observed: ObservedState) -> tuple[list[Holder], list[str]]:
         unmounting = {s.mountpoint for s in plan.steps if isinstance(s, Unmount)}
+        unmounting |= {point for s in plan.steps if isinstance(s, ExportPool)
+                       for point in pool_mountpoints(s.pool, observed)}
         reasons = [f"{m.source} is mounted at {m.mountpoint}, inside {point}"
                    for point in sorted(unmounting) for m in observed.mounts_below(point)
                    if m.mountpoint not in unmounting]
@@ -225,12 +254,22 @@ class Executor:
             self.storage.crypt.close(step.dm_name)
         elif isinstance(step, StopRaid):
             self.storage.raid.stop(label, step.device)
+        elif isinstance(step, ExportPool):
+            _zfs(self.storage).export_pool(label, step.pool)
+            self.records.forget(record_key(step.volume, step.layer))
         else:
             raise KeydError(f"not a closing step: {step.describe()}")
 
 
 def _layer_name(step: Step) -> str:
-    return step.layer.name if isinstance(step, OpenCrypt) else step.layer
+    return step.layer.name if isinstance(step, OpenCrypt | ImportPool) else step.layer
+
+
+def _zfs(storage: Storage) -> ZfsPort:
+    if storage.zfs is None:
+        raise KeydError("this keyd was built without its zfs adapter",
+                        fix="report a bug: Storage needs zfs=Zpool(runner)")
+    return storage.zfs
 
 
 def _label(volume: str, layer: str) -> str:
@@ -254,4 +293,12 @@ def _targets(step: Step, observed: ObservedState) -> list[tuple[str, str]]:
         return pairs + ([(f"/dev/{kname}", kname)] if kname else [])
     if isinstance(step, DetachLoop | StopRaid):
         return [(step.device, step.device.rpartition("/")[2])]
+    if isinstance(step, ExportPool):
+        return [(point, "") for point in pool_mountpoints(step.pool, observed)]
     return []
+
+
+def pool_mountpoints(pool: str, observed: ObservedState) -> list[str]:
+    """Where the datasets of ``pool`` are mounted (``zpool export`` unmounts them all)."""
+    return [m.mountpoint for m in observed.mounts
+            if m.fstype == "zfs" and (m.source == pool or m.source.startswith(pool + "/"))]

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from keyd.config.model import CryptLayer
 from keyd.engine.errors import KeyRejected
 
 MAX_KEY_BYTES = 8 * 1024 * 1024  # cryptsetup's own key file limit
+
+
+@runtime_checkable
+class KeyInventory(Protocol):
+    """A key source that can tell, before any layer opens, which keys it has.
+
+    The planner uses it for zfs layers whose degraded policy lets a vdev stay shut.
+    """
+
+    def has(self, name: str) -> bool:
+        """True when a key named ``name`` can be supplied."""
+        ...
 
 
 def _read_limited(stream: BinaryIO, what: str) -> bytearray:
@@ -36,6 +48,10 @@ class FileKeys:
     stdin: BinaryIO
     opener: Callable[[str], BinaryIO]
     _stdin_data: bytearray | None = field(default=None, repr=False)
+
+    def has(self, name: str) -> bool:
+        """See KeyInventory: a file is named for this key, or a default file is given."""
+        return self.by_name.get(name, self.default) is not None
 
     def key(self, volume: str, name: str, layer: CryptLayer) -> bytearray:
         """See KeySource."""
@@ -94,6 +110,10 @@ class MappingKeys:
     """Keys already in memory by name (the daemon fills it from a verified stick bundle)."""
 
     keys: Mapping[str, bytes | bytearray]
+
+    def has(self, name: str) -> bool:
+        """See KeyInventory."""
+        return name in self.keys
 
     def key(self, volume: str, name: str, layer: CryptLayer) -> bytearray:
         """See KeySource; a copy, so the executor's wipe leaves the caller's buffer alone."""

@@ -3,7 +3,10 @@
 A crypt layer ``crypt0`` of volume ``tank`` is the dm device ``keyd-tank-crypt0``;
 cryptsetup gives it the dm UUID ``CRYPT-<TYPE>-[<hex uuid>-]keyd-tank-crypt0``.
 keyd owns a mapping only when both name and UUID say so. Arrays are assembled
-as ``/dev/md/keyd-tank-md0``; mdadm records that name (MD_DEVNAME).
+as ``/dev/md/keyd-tank-md0``; mdadm records that name (MD_DEVNAME). A ZFS pool
+keeps its own name, so keyd records the GUID of each pool it imported in its run
+directory (``keyd.engine.pool_records``) and owns a pool only when that record
+matches and every vdev is one of the layer's keyd mappings.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ def dm_name(volume: str, layer: str) -> str:
 def md_name(volume: str, layer: str) -> str:
     """The name (under /dev/md/) keyd assembles a raid layer as."""
     return f"{PREFIX}-{volume}-{layer}"
+
+
+def record_key(volume: str, layer: str) -> str:
+    """How keyd's run records name a zfs layer whose pool keyd imported."""
+    return f"{volume}/{layer}"
 
 
 def owns_mapping(mapping: DmMapping, name: str, crypt_type: str) -> bool:

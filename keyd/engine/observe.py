@@ -10,6 +10,7 @@ shaped like /sys, /proc, /dev and /run in unit tests):
 - ``sys/class/block/loopN/loop/backing_file``: loop devices
 - ``proc/self/mountinfo``: mounts (octal escapes such as ``\\040`` decoded)
 - ``mdadm --examine --scan --verbose``: members of arrays not yet assembled
+- ``zpool list`` / ``zpool status -P``: imported ZFS pools (only when a zfs layer is configured)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from keyd.config.layers import normalize_uuid
-from keyd.config.model import CryptLayer, MountLayer, RaidLayer, Volume
+from keyd.config.model import CryptLayer, MountLayer, RaidLayer, Volume, ZfsLayer
 from keyd.engine.observed import (
     DmMapping,
     LoopDevice,
@@ -32,7 +33,9 @@ from keyd.engine.observed import (
     MountEntry,
     ObservedState,
     RaidMembers,
+    ZfsPool,
 )
+from keyd.engine.zfs_output import LIST_COLUMNS, join_pools, parse_zpool_list, parse_zpool_status
 from keyd.errors import ProgramError
 from keyd.runner import Runner
 
@@ -192,10 +195,22 @@ class KernelObserver:
                                for volume in volumes for layer in volume.layers)
         sizes = {kname: size for kname in paths.values()
                  if (size := self.sector_size(kname)) is not None}
+        pools = any(isinstance(layer, ZfsLayer) for volume in volumes for layer in volume.layers)
         return ObservedState(
             dm=self._dm(devnos), md=self._md(devnos), loops=self._loops(devnos),
             mounts=mounts, raid_members=self._examine() if scan else (), paths=paths,
-            devnos=devnos, sector_sizes=sizes)
+            devnos=devnos, sector_sizes=sizes, pools=self._pools() if pools else ())
+
+    def _pools(self) -> tuple[ZfsPool, ...]:
+        # Without zpool (or without the zfs module) no pool can be imported: report none,
+        # and let the import step (or `keydctl doctor`) say what is missing.
+        try:
+            listed = self.runner.run(["zpool", "list", "-H", "-p", "-o", LIST_COLUMNS],
+                                     timeout=30).stdout
+            status = self.runner.run(["zpool", "status", "-P"], timeout=30).stdout
+        except ProgramError:
+            return ()
+        return join_pools(parse_zpool_list(listed), parse_zpool_status(status))
 
     def _dm(self, devnos: dict[str, str]) -> tuple[DmMapping, ...]:
         return tuple(DmMapping(kname, self._read("sys/class/block", kname, "dm", "name"),

@@ -75,6 +75,27 @@ class MountEntry:
 
 
 @dataclass(frozen=True)
+class PoolVdev:
+    """A leaf vdev of an imported pool (``zpool status -P``): its path, state and errors."""
+
+    path: str
+    state: str
+    errors: str = "0 0 0"  # READ WRITE CKSUM
+
+
+@dataclass(frozen=True)
+class ZfsPool:
+    """An imported ZFS pool: ``zpool list`` (name, guid, health) joined with ``zpool status``."""
+
+    name: str
+    guid: str
+    health: str
+    vdevs: tuple[PoolVdev, ...] = ()
+    scan: str = ""  # the last scrub or resilver, e.g. "scrub repaired 0B in ... with 0 errors"
+    altroot: str = ""
+
+
+@dataclass(frozen=True)
 class ObservedState:
     """The kernel's storage state; ``paths`` maps configured device paths to kernel names."""
 
@@ -86,6 +107,9 @@ class ObservedState:
     paths: Mapping[str, str] = field(default_factory=dict)
     devnos: Mapping[str, str] = field(default_factory=dict)
     sector_sizes: Mapping[str, int] = field(default_factory=dict)
+    pools: tuple[ZfsPool, ...] = ()
+    # "<volume>/<layer>" -> GUID of the pool keyd imported for that layer (keyd's run records)
+    keyd_pools: Mapping[str, str] = field(default_factory=dict)
 
     def dm_named(self, name: str) -> DmMapping | None:
         """The dm device called ``name``."""
@@ -128,6 +152,12 @@ class ObservedState:
     def dm_by_kname(self, kname: str) -> DmMapping | None:
         """The dm device whose kernel name is ``kname`` (dm-N)."""
         return next((m for m in self.dm if m.kname == kname), None)
+
+    def pool(self, name: str | None, guid: str | None) -> ZfsPool | None:
+        """The imported pool with this GUID (when given), else with this name."""
+        if guid is not None:
+            return next((p for p in self.pools if p.guid == guid), None)
+        return next((p for p in self.pools if p.name == name), None)
 
     def md_by_kname(self, kname: str) -> MdArray | None:
         """The md array whose kernel name is ``kname`` (mdN)."""

@@ -8,10 +8,18 @@ unlock before anything is touched.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-from keyd.config.model import CryptLayer, Layer, LoopLayer, MountLayer, RaidLayer, Volume
+from keyd.config.model import (
+    CryptLayer,
+    Layer,
+    LoopLayer,
+    MountLayer,
+    RaidLayer,
+    Volume,
+    ZfsLayer,
+)
 from keyd.engine.assess import LayerStatus, assess, image_path
 from keyd.engine.errors import DegradedRefused, StorageError
 from keyd.engine.names import dm_name, md_name
@@ -160,8 +168,37 @@ class StopRaid(_OnDevice):
     verb = "stopping"
 
 
+@dataclass(frozen=True)
+class ImportPool:
+    """``zpool import`` the layer's pool from its crypt mappings; ``missing`` lowers stay shut."""
+
+    volume: str
+    layer: ZfsLayer
+    missing: tuple[str, ...] = ()
+    slow = True
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        degraded = f" DEGRADED, without {', '.join(self.missing)}" if self.missing else ""
+        return f"importing zfs pool {self.layer.label} for {self.layer.name}{degraded}"
+
+
+@dataclass(frozen=True)
+class ExportPool:
+    """``zpool export`` a pool keyd imported (zfs unmounts its datasets first)."""
+
+    volume: str
+    layer: str
+    pool: str
+    slow = False
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        return f"exporting zfs pool {self.pool}"
+
+
 Step = (WaitForMembers | AssembleRaid | OpenCrypt | AttachLoop | Mount
-        | Unmount | DetachLoop | CloseCrypt | StopRaid)
+        | Unmount | DetachLoop | CloseCrypt | StopRaid | ImportPool | ExportPool)
 
 
 @dataclass(frozen=True)
@@ -173,21 +210,80 @@ class Plan:
     devices: Mapping[str, str] = field(default_factory=dict)
 
 
-def plan_unlock(volume: Volume, observed: ObservedState) -> Plan:
-    """Steps that open every layer of ``volume`` that is not open yet, bottom-up."""
+def plan_unlock(volume: Volume, observed: ObservedState,
+                available: Collection[str] | None = None) -> Plan:
+    """Steps that open every layer of ``volume`` that is not open yet, bottom-up.
+
+    ``available`` names the keys the key source has (None: every key); a zfs layer's
+    crypt layer without its key or device is left shut when its degraded policy allows.
+    """
     statuses = assess(volume, observed)
+    skipped = _zfs_skips(volume, statuses, observed, available)
     steps: list[Step] = []
     devices: dict[str, str] = {}
     for layer in volume.layers:
         status = statuses[layer.name]
+        if layer.name in skipped:
+            continue
         if status.problem is not None:
             raise StorageError(f"cannot unlock volume {volume.name}: layer {layer.name}: "
                                f"{status.problem}", fix=status.fix)
         if status.open and status.device is not None:
             devices[layer.name] = status.device
             continue
-        steps.extend(_open_steps(volume, layer, status, observed))
+        steps.extend(_open_steps(volume, layer, status, observed, skipped))
     return Plan(volume.name, tuple(steps), devices)
+
+
+def vdev_keys(volume: Volume) -> set[str]:
+    """Keys of the crypt layers under zfs layers: their absence is the planner's to judge."""
+    return {lower.key for layer in volume.layers if isinstance(layer, ZfsLayer)
+            for name in layer.below
+            if isinstance(lower := volume.layer(name), CryptLayer)}
+
+
+def _zfs_skips(volume: Volume, statuses: Mapping[str, LayerStatus], observed: ObservedState,
+               available: Collection[str] | None) -> dict[str, str]:
+    """Lower layers of zfs layers that cannot open (layer -> why); refused unless allowed."""
+    skips: dict[str, str] = {}
+    for layer in volume.layers:
+        if not isinstance(layer, ZfsLayer):
+            continue
+        if statuses[layer.name].open:  # imported degraded earlier: zfs would not use them now
+            skips.update({name: "the pool is imported without it" for name in layer.below
+                          if not statuses[name].open})
+            continue
+        missing = {name: why for name in layer.below
+                   if (why := _unavailable(volume.layer(name), statuses[name], observed,
+                                           available))}
+        if missing and (layer.degraded == "never" or len(missing) == len(layer.below)):
+            raise _degraded_refused(volume, layer, missing)
+        skips.update(missing)
+    return skips
+
+
+def _unavailable(lower: Layer, status: LayerStatus, observed: ObservedState,
+                 available: Collection[str] | None) -> str | None:
+    if status.open or not isinstance(lower, CryptLayer):
+        return None
+    if lower.device is not None and lower.device not in observed.paths:
+        return f"device {lower.device} is not present"
+    if available is not None and lower.key not in available:
+        return f"no key {lower.key!r} was given"
+    return None
+
+
+def _degraded_refused(volume: Volume, layer: ZfsLayer, missing: Mapping[str, str]) -> StorageError:
+    why = "; ".join(f"{name}: {reason}" for name, reason in missing.items())
+    if len(missing) == len(layer.below):
+        return DegradedRefused(f"cannot unlock volume {volume.name}: no vdev layer of zfs layer "
+                               f"{layer.name} (pool {layer.label}) can be opened ({why})",
+                               fix="give the keys and connect the disks of its crypt layers")
+    return DegradedRefused(
+        f"cannot unlock volume {volume.name}: zfs layer {layer.name} (pool {layer.label}) would "
+        f"be imported without {', '.join(missing)} ({why}) and its degraded policy is never",
+        fix="give every key and connect every disk, or set degraded = \"always\" for this "
+            "layer in keyd.toml")
 
 
 def _source(layer: CryptLayer | MountLayer) -> Source:
@@ -195,7 +291,9 @@ def _source(layer: CryptLayer | MountLayer) -> Source:
 
 
 def _open_steps(volume: Volume, layer: Layer, status: LayerStatus,
-                observed: ObservedState) -> list[Step]:
+                observed: ObservedState, skipped: Mapping[str, str]) -> list[Step]:
+    if isinstance(layer, ZfsLayer):
+        return [ImportPool(volume.name, layer, tuple(n for n in layer.below if n in skipped))]
     if isinstance(layer, RaidLayer):
         return _raid_steps(volume, layer, status, observed)
     if isinstance(layer, CryptLayer):
@@ -256,10 +354,20 @@ def plan_lock(volume: Volume, observed: ObservedState) -> Plan:
         status = statuses[layer.name]
         if status.open and status.owned:
             steps.append(_close_step(volume, layer, status))
+        elif status.open and isinstance(layer, ZfsLayer) and status.pool is not None:
+            # Its vdevs are keyd's mappings, but someone else imported it: keyd never exports
+            # a pool it did not import, and cannot close the mappings while it is imported.
+            raise StorageError(
+                f"cannot lock volume {volume.name}: pool {status.pool.name} on zfs layer "
+                f"{layer.name} was not imported by keyd, so keyd does not export it",
+                fix=f"export it yourself (zpool export {status.pool.name}), then lock again")
     return Plan(volume.name, tuple(steps))
 
 
 def _close_step(volume: Volume, layer: Layer, status: LayerStatus) -> Step:
+    if isinstance(layer, ZfsLayer):
+        return ExportPool(volume.name, layer.name,
+                          status.pool.name if status.pool else layer.label)
     if isinstance(layer, MountLayer):
         return Unmount(layer.name, layer.mountpoint)
     if isinstance(layer, LoopLayer):
@@ -279,5 +387,7 @@ def undo_step(step: Step, device: str | None) -> Step | None:
         return DetachLoop(step.layer, device)
     if isinstance(step, Mount):
         return Unmount(step.layer, step.mountpoint)
+    if isinstance(step, ImportPool):
+        return ExportPool(step.volume, step.layer.name, device or step.layer.label)
     # Waiting changes nothing; a started array that udev had assembled is left running.
     return None

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from keyd.config.model import CryptLayer
+from keyd.config.model import CryptLayer, ZfsLayer
 from keyd.engine.errors import Holder
+from keyd.engine.observed import ZfsPool
 
 
 class CryptPort(Protocol):
@@ -85,11 +86,24 @@ class ServicePort(Protocol):
         ...
 
 
+class ZfsPort(Protocol):
+    """Imports and exports ZFS pools."""
+
+    def import_pool(self, label: str, layer: ZfsLayer) -> ZfsPool:
+        """Import the layer's pool as configured; return its name, GUID and health."""
+        ...
+
+    def export_pool(self, label: str, pool: str) -> None:
+        """Export ``pool``; a busy pool raises VolumeBusy."""
+        ...
+
+
 @dataclass(frozen=True)
 class Storage:
-    """The adapters one executor uses."""
+    """The adapters one executor uses (``zfs`` only where a zfs layer may be configured)."""
 
     crypt: CryptPort
     raid: RaidPort
     mounts: MountPort
     loops: LoopPort
+    zfs: ZfsPort | None = None

@@ -9,25 +9,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from keyd.config.model import Volume
+from keyd.config.model import CryptLayer, Volume
 from keyd.engine.executor import Executor, KeySource, Progress, QuietProgress
-from keyd.engine.keys import NoKeys
+from keyd.engine.keys import KeyInventory, NoKeys
 from keyd.engine.lockfile import DEFAULT_RUN_DIR, VolumeLock
 from keyd.engine.observe import Observer
+from keyd.engine.observed import ObservedState
 from keyd.engine.plan import plan_lock, plan_unlock
+from keyd.engine.pool_records import PoolRecords
 from keyd.engine.ports import HolderPort, ServicePort, Storage
 from keyd.engine.status import VolumeReport, report
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What an unlock or lock did: ``changed`` is False when there was nothing to do."""
+    """What an unlock or lock did: ``changed`` is False when there was nothing to do.
+
+    ``degraded`` says what an unlock accepted (a zfs pool imported DEGRADED), one line each.
+    """
 
     volume: str
     changed: bool
     devices: Mapping[str, str] = field(default_factory=dict)
+    degraded: tuple[str, ...] = ()
 
 
 @dataclass
@@ -45,24 +51,34 @@ class Engine:
 
     def _executor(self, keys: KeySource) -> Executor:
         return Executor(self.storage, keys, self.observer, self.holders, self.services,
-                        self.progress, sleep=self.sleep)
+                        self.progress, sleep=self.sleep, records=PoolRecords(self.run_dir))
+
+    def observe(self, volumes: Sequence[Volume], *, members: bool = True) -> ObservedState:
+        """The kernel's state plus keyd's records of the pools it imported."""
+        observed = self.observer.observe(volumes, members=members)
+        if not observed.pools:
+            return observed
+        return replace(observed, keyd_pools=PoolRecords(self.run_dir).load())
 
     def unlock(self, volume: Volume, keys: KeySource, *,
                start_services: bool = False) -> Outcome:
         """Open what is not open yet; on failure everything this run opened is closed again."""
         with VolumeLock(self.run_dir, volume.name, timeout=self.lock_timeout):
-            plan = plan_unlock(volume, self.observer.observe([volume]))
+            plan = plan_unlock(volume, self.observe([volume]), _available(volume, keys))
             devices = dict(plan.devices)
+            degraded: tuple[str, ...] = ()
             if plan.steps:
-                devices = self._executor(keys).unlock(volume, plan)
+                executor = self._executor(keys)
+                devices = executor.unlock(volume, plan)
+                degraded = tuple(executor.degraded)
             if start_services:
                 self.services.start(volume.services)
-        return Outcome(volume.name, bool(plan.steps), devices)
+        return Outcome(volume.name, bool(plan.steps), devices, degraded)
 
     def lock(self, volume: Volume, *, force: bool = False) -> Outcome:
         """Close what keyd opened, unless something still uses it (``force`` stops services)."""
         with VolumeLock(self.run_dir, volume.name, timeout=self.lock_timeout):
-            observed = self.observer.observe([volume], members=False)
+            observed = self.observe([volume], members=False)
             plan = plan_lock(volume, observed)
             if plan.steps:
                 self._executor(NoKeys()).lock(volume, plan, observed, force=force)
@@ -70,5 +86,13 @@ class Engine:
 
     def status(self, volumes: Sequence[Volume]) -> list[VolumeReport]:
         """Each volume's state, read from the kernel now."""
-        observed = self.observer.observe(volumes, members=False)
+        observed = self.observe(volumes, members=False)
         return [report(volume, observed) for volume in volumes]
+
+
+def _available(volume: Volume, keys: KeySource) -> set[str] | None:
+    """The key names ``keys`` has, when it can tell (None: assume every key)."""
+    if not isinstance(keys, KeyInventory):
+        return None
+    return {layer.key for layer in volume.layers
+            if isinstance(layer, CryptLayer) and keys.has(layer.key)}

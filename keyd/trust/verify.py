@@ -25,9 +25,10 @@ from keyd.trust.errors import KeyRejected, Reason, SignatureRejected, TrustError
 from keyd.trust.generations import GenerationStore
 from keyd.trust.gpg import KeyDecryptor, SignatureChecker
 from keyd.trust.manifest import MANIFEST_NAME, SIGNATURE_NAME, KeyEntry, Manifest, parse_manifest
+from keyd.trust.report import StickReport, Verdict
 from keyd.trust.revocation import Revocations, load_revocations, save_revocations
 from keyd.trust.safe_read import RawBundle, read_bundle
-from keyd.trust.secret import SecretBytes, WipeOnExit
+from keyd.trust.secret import SecretBytes
 from keyd.trust.settings import Limits, TrustSettings
 from keyd.trust.status import judge_output
 
@@ -48,44 +49,6 @@ class TrustState:
 
     generations: Mapping[str, int] = field(default_factory=dict)
     revocations: Revocations = field(default_factory=Revocations)
-
-
-@dataclass
-class Verdict:
-    """The outcome for one key of the manifest; ``key`` is set only when accepted."""
-
-    entry: KeyEntry
-    reason: Reason | None
-    message: str
-    key: SecretBytes | None = None
-
-    @property
-    def accepted(self) -> bool:
-        """True if this key may be used."""
-        return self.reason is None
-
-
-@dataclass
-class StickReport(WipeOnExit):
-    """The outcome for a whole stick: a stick-wide refusal, or one verdict per key."""
-
-    reason: Reason | None
-    message: str
-    signer: str | None = None
-    manifest: Manifest | None = None
-    verdicts: tuple[Verdict, ...] = ()
-
-    @property
-    def accepted(self) -> tuple[Verdict, ...]:
-        """The keys that passed every check."""
-        return tuple(v for v in self.verdicts if v.accepted)
-
-    def wipe(self) -> None:
-        """Zero every key buffer handed out."""
-        for verdict in self.verdicts:
-            if verdict.key is not None:
-                verdict.key.wipe()
-
 
 
 def _fold(value: str | None) -> str | None:

@@ -13,10 +13,7 @@ import pytest
 
 from keyd.audit.ids import EVENT_BY_ID
 from keyd.lab.build import Artifacts, new_run_dir
-from keyd.lab.media import StickSpec, create_disk
-from keyd.lab.vm import Lab, LabOptions
-
-from .guest.daemon_lab import (
+from keyd.lab.daemon_setup import (
     GNUPGHOME,
     KEYDCTL_HOST,
     Signer,
@@ -25,6 +22,8 @@ from .guest.daemon_lab import (
     make_stick,
     volume_key,
 )
+from keyd.lab.media import StickSpec, create_disk
+from keyd.lab.vm import Lab, LabOptions
 
 VOLUME = "delta"
 LUKS_UUID = "5f1a2b3c-0000-4000-8000-00000000d001"
@@ -64,9 +63,9 @@ def root_tree(base: Path, signer: Signer) -> Path:
     etc = root / "etc"
     (etc / "keyd" / "keyd.toml").write_text(
         f'[trust]\nsigners = ["{signer.fingerprint}"]\ngnupghome = "{GNUPGHOME}"\n\n'
-        f'[volume.{VOLUME}]\n[volume.{VOLUME}.layer.crypt]\nkind = "crypt"\ntype = "luks"\n'
+        f'[volume.{VOLUME}]\nkey_timeout = 600\n'
+        f'[volume.{VOLUME}.layer.crypt]\nkind = "crypt"\ntype = "luks"\n'
         f'device = "UUID={LUKS_UUID}"\n')
-    (etc / "keyd" / "daemon.toml").write_text(f"[daemon.volume.{VOLUME}]\nkey_timeout = 600\n")
     home = etc / "keyd" / "gnupg"
     home.mkdir(mode=0o700)
     subprocess.run(["gpg", "--homedir", str(home), "--batch", "--import"], input=signer.public,

@@ -8,28 +8,31 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import GuestLab
-from .guest.daemon_lab import (
+from keyd.lab.daemon_setup import (
     GUEST_BIN,
     Signer,
     audit_records,
     config_toml,
     cursor,
-    dbus_call,
-    dummy_unit,
     events,
-    format_volume,
     install_keyd,
     journal_text,
     make_signer,
     make_stick,
-    mappings,
     start_keyd,
     stop_keyd,
     volume_key,
     volume_state,
-    volume_toml,
     wait_until,
+)
+
+from .conftest import GuestLab
+from .guest.daemon_lab import (
+    dbus_call,
+    dummy_unit,
+    format_volume,
+    mappings,
+    volume_toml,
 )
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -49,9 +52,9 @@ def keyd_stopped(guest: GuestLab) -> Iterator[None]:
     stop_keyd(guest)
 
 
-def policy(volume: str, *, lock_on_removal: bool) -> str:
-    return (f"[daemon]\nbackoff_base = 30\n\n[daemon.volume.{volume}]\n"
-            f"lock_on_removal = {str(lock_on_removal).lower()}\ngrace = 1\nlock_retry_delay = 1\n")
+def policy(*, lock_on_removal: bool) -> str:
+    """The volume's daemon keys (in its [volume.NAME] table of keyd.toml)."""
+    return f"lock_on_removal = {str(lock_on_removal).lower()}\ngrace = 1\nlock_retry_delay = 1\n"
 
 
 def unlocked(volume: str) -> str:
@@ -64,8 +67,9 @@ def setup_volume(guest: GuestLab, signer: Signer, volume: str, serial: str, *,
     disk = guest.disk(serial, 64)
     format_volume(guest, disk, volume_key(volume))
     unit = f"keyd-dummy-{volume}.service"
-    install_keyd(guest, signer, config_toml(signer, volume_toml(volume, disk, [unit])),
-                 policy(volume, lock_on_removal=lock_on_removal), {unit: dummy_unit(volume)})
+    volumes = volume_toml(volume, disk, [unit], policy(lock_on_removal=lock_on_removal))
+    install_keyd(guest, signer, config_toml(signer, volumes) + "\n[daemon]\nbackoff_base = 30\n",
+                 {unit: dummy_unit(volume)})
     start_keyd(guest)
 
 

@@ -6,14 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from .conftest import GuestLab
-from .guest.daemon_lab import (
+from keyd.lab.daemon_setup import (
     Signer,
     audit_records,
     config_toml,
     cursor,
     events,
-    format_volume,
     install_keyd,
     journal_text,
     make_signer,
@@ -21,8 +19,13 @@ from .guest.daemon_lab import (
     stop_keyd,
     volume_key,
     volume_state,
-    volume_toml,
     wait_until,
+)
+
+from .conftest import GuestLab
+from .guest.daemon_lab import (
+    format_volume,
+    volume_toml,
 )
 
 VOLUME = "golf"
@@ -45,10 +48,9 @@ def test_passphrase_fallback_is_answered_through_the_ask_password_agent_interfac
         guest: GuestLab, signer: Signer) -> None:
     disk = guest.disk("DISKGOLF", 64)
     format_volume(guest, disk, volume_key(VOLUME))
-    policy = (f"[daemon.volume.{VOLUME}]\nkey_timeout = 3\npassphrase = true\n"
-              "passphrase_timeout = 300\n")
+    policy = "key_timeout = 3\npassphrase = true\npassphrase_timeout = 300\n"
     start = cursor(guest)
-    install_keyd(guest, signer, config_toml(signer, volume_toml(VOLUME, disk)), policy)
+    install_keyd(guest, signer, config_toml(signer, volume_toml(VOLUME, disk, policy=policy)))
     try:
         start_keyd(guest)
         asked = f"grep -qx 'Id=keyd:{VOLUME}' /run/systemd/ask-password/ask.*"

@@ -7,26 +7,29 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import GuestLab
-from .guest.daemon_lab import (
+from keyd.lab.daemon_setup import (
     Signer,
     audit_records,
     config_toml,
     cursor,
-    dummy_unit,
     events,
-    format_volume,
     install_keyd,
     journal_text,
     make_signer,
     make_stick,
-    mappings,
     start_keyd,
     stop_keyd,
     volume_key,
     volume_state,
-    volume_toml,
     wait_until,
+)
+
+from .conftest import GuestLab
+from .guest.daemon_lab import (
+    dummy_unit,
+    format_volume,
+    mappings,
+    volume_toml,
 )
 
 # Slow enough under TCG that keyd is surely inside cryptsetup when it is killed.
@@ -63,8 +66,9 @@ def test_sigkill_during_cryptsetup_is_restarted_by_systemd_and_ends_consistent(
     disk = guest.disk("DISKKILL", 64)
     format_volume(guest, disk, volume_key(volume), iterations=SLOW_PBKDF2_ITERATIONS)
     unit = f"keyd-dummy-{volume}.service"
-    install_keyd(guest, signer, config_toml(signer, volume_toml(volume, disk, [unit])),
-                 "[daemon]\nbackoff_base = 1\n", {unit: dummy_unit(volume)})
+    install_keyd(guest, signer,
+                 config_toml(signer, volume_toml(volume, disk, [unit])) + "\n[daemon]\nbackoff_base = 1\n",
+                 {unit: dummy_unit(volume)})
     start_keyd(guest)
     first_pid = main_pid(guest)
     start = cursor(guest)
@@ -102,7 +106,7 @@ def test_two_sticks_for_two_volumes_are_handled_inside_a_storm_of_2000_loop_ueve
         format_volume(guest, disk, volume_key(volume))
         units[f"keyd-dummy-{volume}.service"] = dummy_unit(volume)
         volumes += volume_toml(volume, disk, [f"keyd-dummy-{volume}.service"])
-    install_keyd(guest, signer, config_toml(signer, volumes), "[daemon]\n", units)
+    install_keyd(guest, signer, config_toml(signer, volumes), units)
     start_keyd(guest)
     sticks = {v: make_stick(tmp_path, signer, s, {v: volume_key(v)}) for v, s in names.items()}
     start = cursor(guest)
@@ -134,8 +138,7 @@ def test_two_sticks_for_two_volumes_are_handled_inside_a_storm_of_2000_loop_ueve
 
 def test_daemon_figures_ready_time_idle_rss_and_security_score(
         guest: GuestLab, signer: Signer, keyd_stopped: None) -> None:
-    install_keyd(guest, signer, config_toml(signer, volume_toml("idle", "/dev/disk/by-id/none")),
-                 "[daemon]\n")
+    install_keyd(guest, signer, config_toml(signer, volume_toml("idle", "/dev/disk/by-id/none")))
     start_keyd(guest)
     show = guest.check(["systemctl", "show", "keyd.service", "-p", "ExecMainStartTimestampMonotonic",
                         "-p", "ActiveEnterTimestampMonotonic", "-p", "MainPID"]).stdout

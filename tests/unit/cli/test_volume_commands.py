@@ -279,7 +279,7 @@ def test_check_config_prints_each_stack(cli: Cli) -> None:
     assert cli.run("check-config") == 0
     assert "tank: md0 (raid) -> crypt0 (crypt) -> data (mount); services: smbd.service" \
         in cli.out.getvalue()
-    cli.config.write_text("[volume.tank.layer.x]\nkind = 'zfs'\n")
+    cli.config.write_text("[volume.tank.layer.x]\nkind = 'lvm'\n")
     assert cli.run("check-config") == 3
     assert "keyd.toml:2 [volume.tank.layer.x.kind]" in cli.err.getvalue()
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from keyd.config import parse_config
-from keyd.errors import ConfigError
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "keyd.toml.5.md"
 EXAMPLES = DOC.read_text().split("## EXAMPLES", 1)[1]
@@ -23,9 +22,5 @@ def test_every_seed_has_an_example() -> None:
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[str(i) for i in range(len(BLOCKS))])
 def test_examples_parse(block: str) -> None:
-    if "issue 7" in block:  # two TrueCrypt layers wait for the zfs layer to join them
-        with pytest.raises(ConfigError, match="exactly one top layer"):
-            parse_config(block, "doc")
-        return
     config = parse_config(block, "doc")
     assert config.volumes

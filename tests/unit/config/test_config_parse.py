@@ -204,7 +204,7 @@ def test_toml_syntax_error_reports_its_line() -> None:
     ("[volume.tank.layer]\nX = {}\n", "volume.tank.layer.X", "not allowed"),
     ("[volume.tank.layer]\nx = 1\n", "volume.tank.layer.x", "must be a table"),
     ("[volume.tank.layer.x]\n", "volume.tank.layer.x", "missing required key 'kind'"),
-    ("[volume.tank.layer.x]\nkind = 'zfs'\n", "volume.tank.layer.x.kind", "issue 7"),
+    ("[volume.tank.layer.x]\nkind = 'zfs'\n", "volume.tank.layer.x", "name or its GUID"),
     ("[volume.tank.layer.x]\nkind = 'lvm'\n", "volume.tank.layer.x.kind", "not a layer kind"),
     ("[volume.tank.layer.x]\nkind = 3\n", "volume.tank.layer.x.kind", "must be a string"),
     ("[trust]\nsigners = ['ABCD']\n", "trust.signers", "fingerprint"),

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from keyd.daemon.client import KeydClient, bus_at, connect
+
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
@@ -103,3 +105,21 @@ def start_fake_server(address: str) -> subprocess.Popen[str]:
 def serve() -> Callable[[str], subprocess.Popen[str]]:
     """Starts the fake keyd D-Bus server (a second process) on a bus address."""
     return start_fake_server
+
+
+@pytest.fixture(scope="module")
+def server(bus_address: str,
+           serve: Callable[[str], subprocess.Popen[str]]) -> Iterator[subprocess.Popen[str]]:
+    """The fake keyd D-Bus server on this module's private bus."""
+    proc = serve(bus_address)
+    yield proc
+    proc.terminate()
+    assert proc.wait(10) == 0
+
+
+@pytest.fixture
+def client(server: subprocess.Popen[str], bus_address: str) -> KeydClient:
+    """keydctl's client connected to the fake server."""
+    found = connect(bus_at(bus_address))
+    assert found is not None
+    return found

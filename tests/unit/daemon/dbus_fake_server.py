@@ -14,15 +14,15 @@ import sys
 import pydbus
 from gi.repository import GLib
 
+from keyd.config.model import DaemonSettings
 from keyd.daemon.dbus_api import ManagerService, publish
 from keyd.daemon.fakes import harness
 from keyd.daemon.glib_loop import GLibScheduler
-from keyd.daemon.policy import DaemonPolicy
 
 
 def main(address: str) -> None:
     scheduler = GLibScheduler(workers=1)
-    h = harness(DaemonPolicy(admin_group="keyd-test-admins"), loop=scheduler)
+    h = harness(DaemonSettings(admin_group="keyd-test-admins"), loop=scheduler)
     h.engine.open.add("tank")
     h.engine.busy.append(False)
     service = ManagerService(h.daemon, groups_of=lambda uid: set())

@@ -52,6 +52,9 @@ def test_coldplugged_stick_unlocks_starts_services_wipes_the_key_and_commits() -
     finished = h.sink.records[-1]
     assert (finished.volume, finished.serial, finished.signer, finished.bundle_id) == \
         ("tank", "4C530001", "A" * 40, "b-1")
+    messages = [record.message for record in h.sink.records]
+    assert "volume tank: accepted" in messages  # named once, though the verdict names it too
+    assert all(message.startswith("volume tank: ") for message in messages[2:])
 
 
 def test_the_same_stick_reported_twice_is_checked_once() -> None:
@@ -92,7 +95,7 @@ def test_a_rejected_stick_backs_off_and_is_retried_after_the_delay() -> None:
     h.loop.run()
     assert h.sticks.checked == ["/dev/sdc1"]
     assert h.events().count("backoff") == 2
-    h.loop.advance(h.daemon.policy.backoff_base)
+    h.loop.advance(h.daemon.settings.backoff_base)
     assert h.sticks.checked == ["/dev/sdc1", "/dev/sdc1"]
     assert h.state("tank") == "unlocked"
 

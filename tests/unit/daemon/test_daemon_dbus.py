@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,22 +37,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("dbus-daemon") is None,
                                 reason="dbus-daemon is not installed")
-
-@pytest.fixture(scope="module")
-def server(bus_address: str,
-           serve: Callable[[str], subprocess.Popen[str]]) -> Iterator[subprocess.Popen[str]]:
-    proc = serve(bus_address)
-    yield proc
-    proc.terminate()
-    assert proc.wait(10) == 0
-
-
-@pytest.fixture
-def client(server: subprocess.Popen[str], bus_address: str) -> KeydClient:
-    found = connect(bus_at(bus_address))
-    assert found is not None
-    return found
-
 
 def test_connect_says_none_when_no_daemon_owns_the_name(bus_address: str) -> None:
     assert connect(bus_at(bus_address)) is None

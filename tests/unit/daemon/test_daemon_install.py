@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import pytest
 from keyd.cli import daemon_commands
 from keyd.cli.daemon_commands import FILES, SOURCE, decide, plan_install, wait_exit
 from keyd.config import parse_config
-from keyd.daemon.policy import parse_policy
 from keyd.errors import KeydError
 
 
@@ -32,8 +30,9 @@ def test_install_puts_every_file_in_its_standard_place(tmp_path: Path) -> None:
         "usr/lib/systemd/system/keyd.service", "usr/lib/systemd/system/keyd-unlocked@.target",
         "usr/lib/systemd/system/keyd-wait@.service", "usr/lib/udev/rules.d/70-keyd.rules",
         "usr/share/dbus-1/system.d/org.keyd.Keyd1.conf", "usr/lib/systemd/catalog/keyd.catalog",
-        "usr/lib/tmpfiles.d/keyd.conf", "etc/keyd/keyd.toml.example",
-        "etc/keyd/daemon.toml.example", "usr/share/doc/keyd/keyd.8.md",
+        "usr/lib/tmpfiles.d/keyd.conf", "usr/lib/sysusers.d/keyd.conf",
+        "etc/keyd/keyd.toml.example",
+        "usr/share/doc/keyd/keyd.8.md",
         "usr/share/doc/keyd/dbus-api.md"}
     found = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
     assert found == expected
@@ -64,9 +63,7 @@ def test_a_missing_source_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_shipped_examples_parse() -> None:
     config = parse_config((SOURCE / "systemd/keyd.toml.example").read_text(), "example")
     assert [v.name for v in config.volumes] == ["tank"]
-    policy = parse_policy(tomllib.loads((SOURCE / "systemd/daemon.toml.example").read_text()),
-                          "daemon.toml.example")
-    assert policy.for_volume("tank").lock_on_removal and policy.admin_group == "keyd"
+    assert config.volumes[0].policy.lock_on_removal and config.daemon.admin_group == "keyd"
 
 
 def test_udev_rules_only_set_properties() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from keyd.audit.ids import AuditEvent
+from keyd.config.model import VolumePolicy
 from keyd.daemon import effects as ef
 from keyd.daemon import events as ev
 from keyd.daemon.machine import (
@@ -27,7 +28,6 @@ from keyd.daemon.machine import (
     held_ref,
     transition,
 )
-from keyd.daemon.policy import VolumePolicy
 
 POLICY = VolumePolicy(lock_on_removal=True, passphrase=True, lock_retries=1, grace=30,
                       key_timeout=90, member_wait=120)
@@ -397,6 +397,24 @@ def test_sticks_are_ignored_for_volumes_without_auto_unlock_but_dbus_keys_are_no
     assert transition(Locked(), KEY, policy) == (Locked(), [ef.DiscardKey("k1")])
     state, _ = transition(Locked(), ev.KeyArrived("d1", "dbus"), policy)
     assert isinstance(state, Unlocking)
+
+
+def test_a_dbus_key_for_an_unlocked_volume_rechecks_with_the_engine_and_keeps_the_stick() -> None:
+    # keydctl --direct may have locked it behind keyd's back: the engine looks at the kernel.
+    request = ev.KeyArrived("d1", "dbus", by="D-Bus request by uid 0")
+    state, effects = transition(Unlocked(serial="S1"), request, POLICY)
+    assert state == Unlocking(Pending(request, "locked", serial="S1"))
+    assert ef.StartUnlock("d1") in effects
+    started = next(e for e in effects if isinstance(e, ef.Audit))
+    assert (started.reason, started.message) == (
+        "D-Bus request by uid 0", "unlocking with a key from dbus (D-Bus request by uid 0)")
+    state, effects = transition(state, ev.UnlockSucceeded(changed=False), POLICY)
+    assert state == Unlocked(serial="S1")  # removal of S1 still locks it
+    state, _ = transition(Unlocked(serial="S1"), request, POLICY)
+    state, effects = transition(state, ev.UnlockFailed("key", "WRONG_KEY"), POLICY)
+    assert isinstance(state, Locked)  # it really was closed, and the key was wrong
+    grace = Unlocked(serial="S1", grace=True)
+    assert transition(grace, request, POLICY) == (grace, [ef.DiscardKey("d1")])
 
 
 def test_a_half_open_stack_found_at_start_up_is_rolled_back_then_waits_for_a_key() -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keyd.config.model import VolumePolicy
 from keyd.daemon import effects as ef
 from keyd.daemon import events as ev
 from keyd.daemon.machine import (
@@ -25,7 +26,6 @@ from keyd.daemon.machine import (
     held_ref,
     transition,
 )
-from keyd.daemon.policy import VolumePolicy
 
 TIMER_EVENTS: dict[ef.Timer, ev.Event] = {ef.Timer.GRACE: ev.GraceExpired(), ef.Timer.KEY: ev.KeyTimeout(),
                 ef.Timer.MEMBERS: ev.MembersTimeout(), ef.Timer.LOCK_RETRY: ev.LockRetry()}

@@ -48,6 +48,8 @@ class Notifications:
 def keyd(tmp_path: Path, bus_address: str) -> Iterator[tuple[subprocess.Popen[str], Notifications]]:
     config = tmp_path / "keyd.toml"
     config.write_text(textwrap.dedent("""
+        [daemon]
+        key_timeout = 3600
         [volume.tank]
         [volume.tank.layer.crypt0]
         kind = "crypt"
@@ -59,14 +61,12 @@ def keyd(tmp_path: Path, bus_address: str) -> Iterator[tuple[subprocess.Popen[st
         fstype = "ext4"
         mountpoint = "/srv/keyd-test-tank"
     """))
-    policy = tmp_path / "daemon.toml"
-    policy.write_text("[daemon]\nkey_timeout = 3600\n")
     notes = Notifications(tmp_path / "notify")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": str(notes.path),
            "WATCHDOG_USEC": "200000", "WATCHDOG_PID": ""}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "keyd.daemon.main", "--config", str(config), "--policy",
-         str(policy), "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"),
+        [sys.executable, "-m", "keyd.daemon.main", "--config", str(config),
+         "--run-dir", str(tmp_path / "run"), "--state-dir", str(tmp_path / "state"),
          "--bus", bus_address], env=env, stderr=subprocess.PIPE, text=True)
     yield proc, notes
     if proc.poll() is None:

@@ -1,0 +1,148 @@
+"""keydctl unlock/lock through the running daemon (D-Bus), and the choice between it and direct mode.
+
+When keyd owns ``org.keyd.Keyd1``, unlock and lock are requests to it: it keeps
+the volume's state, starts and stops its services and writes the audit record
+(naming the caller's uid). ``--direct``, or no daemon, means direct mode
+(keyd.cli.volume_commands). Direct mode next to a running keyd does not race it:
+both take the engine's per-volume lock file in the run directory.
+
+The check for a daemon is cheap on purpose: without a system bus socket (or a
+``--bus`` address) nothing of gi/pydbus is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, TextIO
+
+from keyd.engine.errors import KeyRejected
+from keyd.engine.keys import MAX_KEY_BYTES
+from keyd.errors import KeydError
+
+if TYPE_CHECKING:
+    from keyd.cli.volume_commands import Environment
+    from keyd.daemon.client import DaemonLink
+
+Connector = Callable[[str | None], "DaemonLink | None"]
+SYSTEM_BUS_SOCKET = "/run/dbus/system_bus_socket"
+DEFAULT_TIMEOUT = 300.0
+
+
+class RemoteUsageError(KeydError):
+    """The command line asks keyd for something its D-Bus API cannot take."""
+
+    exit_code = 2
+
+
+def system_bus_socket(environ: dict[str, str]) -> str | None:
+    """The system bus's socket path (DBUS_SYSTEM_BUS_ADDRESS or the default), if a unix path."""
+    address = environ.get("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={SYSTEM_BUS_SOCKET}")
+    for part in address.split(";")[0].removeprefix("unix:").split(","):
+        if part.startswith("path="):
+            return part[len("path="):]
+    return None
+
+
+def connect_daemon(bus: str | None) -> DaemonLink | None:
+    """The running keyd on ``bus`` (default: the system bus), or None: use direct mode."""
+    if bus is None:
+        socket = system_bus_socket(dict(os.environ))
+        if socket is not None and not Path(socket).exists():
+            return None  # no system bus: no keyd either, and no gi import (keydctl's latency)
+    from keyd.daemon.client import bus_at, connect, system_bus  # noqa: PLC0415 (see module doc)
+
+    return connect(bus_at(bus) if bus else system_bus)
+
+
+def _read_all(stream: BinaryIO, what: str) -> bytearray:
+    data = bytearray(stream.read(MAX_KEY_BYTES + 1))
+    if len(data) > MAX_KEY_BYTES:
+        data[:] = bytes(len(data))
+        raise KeyRejected(f"{what} is larger than {MAX_KEY_BYTES} bytes",
+                               fix="point --key-file at the key, not at a disk image")
+    return data
+
+
+def _key_file(entries: list[str], stdin: BinaryIO) -> bytearray:
+    if len(entries) > 1:
+        raise RemoteUsageError("keyd takes one key per unlock (it serves every key name "
+                               "of the volume)", fix="for one key per layer use --direct")
+    path = entries[0].partition("=")[2] if "=" in entries[0] else entries[0]
+    if path == "-":
+        return _read_all(stdin, "the key on stdin")
+    try:
+        with open(path, "rb") as stream:
+            return _read_all(stream, f"key file {path}")
+    except OSError as exc:
+        raise KeyRejected(f"cannot read key file {path}: {exc.strerror}",
+                          fix="check the path given to --key-file") from None
+
+
+def _passphrase(volume: str, ask: Callable[[str], str], stdin: BinaryIO, tty: bool) -> bytearray:
+    if tty:
+        return bytearray(ask(f"Passphrase for {volume}: ").encode("utf-8"))
+    line = stdin.readline()
+    if not line:
+        raise KeyRejected(f"no passphrase on stdin for volume {volume}",
+                          fix="pipe one line, or run on a terminal")
+    return bytearray(line.removesuffix(b"\n").removesuffix(b"\r"))
+
+
+def read_key(args: argparse.Namespace, env: Environment) -> bytearray:
+    """The one key (or passphrase) to hand to keyd, from --key-file or --passphrase."""
+    if args.passphrase:
+        return _passphrase(args.volume, env.ask, env.stdin, env.stdin_is_tty)
+    if args.key_file:
+        return _key_file(args.key_file, env.stdin)
+    raise RemoteUsageError(f"volume {args.volume} needs a key",
+                           fix="pass --key-file PATH (or - for stdin), or --passphrase")
+
+
+def _at(link: DaemonLink, volume: str) -> str:
+    mountpoint = link.get_volume(volume).get("mountpoint", "")
+    return f" at {mountpoint}" if mountpoint else ""
+
+
+def unlock(link: DaemonLink, args: argparse.Namespace, env: Environment) -> int:
+    """keydctl unlock through keyd: hand over the key, wait for the outcome, report it."""
+    from keyd.daemon.client import remote_unlock  # noqa: PLC0415 (see module doc)
+
+    key = read_key(args, env)
+    try:
+        message = remote_unlock(link, args.volume, key=key, timeout=args.timeout)
+    finally:
+        key[:] = bytes(len(key))
+    _say(env.stdout, f"{message}{_at(link, args.volume)} (through keyd)")
+    return 0
+
+
+def lock(link: DaemonLink, args: argparse.Namespace, env: Environment) -> int:
+    """keydctl lock through keyd (it stops the volume's services first, like --force)."""
+    from keyd.daemon.client import remote_lock  # noqa: PLC0415 (see module doc)
+
+    _say(env.stdout, f"{remote_lock(link, args.volume, timeout=args.timeout)} (through keyd)")
+    return 0
+
+
+def _say(stream: TextIO, text: str) -> None:
+    print(text, file=stream, flush=True)
+
+
+def choose(args: argparse.Namespace, connector: Connector | None) -> DaemonLink | None:
+    """keyd when it runs and --direct was not given; None for direct mode."""
+    if args.direct or connector is None:
+        return None
+    return connector(args.bus)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """--direct, --bus and --timeout of unlock and lock."""
+    parser.add_argument("--direct", action="store_true",
+                        help="do it in this process even if keyd runs (default: ask keyd)")
+    parser.add_argument("--bus", metavar="ADDRESS",
+                        help="keyd's D-Bus address (default: the system bus)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"wait this long for keyd's outcome (default {DEFAULT_TIMEOUT:g})")

@@ -1,0 +1,179 @@
+"""keyd as a service in the lab guest: a signer, signed key sticks, install/start, the audit trail.
+
+Used by ``keyd-lab demo`` and the daemon VM tests. The daemon runs as the real
+keyd.service (installed with ``keydctl install``) under the guest's systemd,
+with udev, the system bus and journald. Configs, keys and the signer's public
+key travel over the agent channel, never via files written on the host after
+boot (the guest sees the host's root through 9p with cache=loose).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from keyd.audit.ids import EVENT_BY_ID
+from keyd.lab.channel import GuestResult
+from keyd.lab.errors import LabError
+from keyd.lab.media import StickSpec, build_stick
+from keyd.runner import Runner, SubprocessRunner
+from keyd.trust import scratch
+
+# The guest sees the host's root: the venv running this is at the same path there.
+GUEST_BIN = Path(sys.prefix) / "bin"
+KEYDCTL_HOST = [sys.executable, "-m", "keyd.cli.main"]
+GNUPGHOME = "/etc/keyd/gnupg"
+
+
+class Guest(Protocol):
+    """What these helpers need of a lab guest (keyd.lab.vm.Lab, the VM tests' GuestLab)."""
+
+    def run(self, argv: Sequence[str], input: bytes | str | None = None,
+            timeout: float = 60.0) -> GuestResult:
+        """Run argv in the guest."""
+        ...
+
+    def check(self, argv: Sequence[str], input: bytes | str | None = None,
+              timeout: float = 60.0) -> GuestResult:
+        """Run argv in the guest; raise unless it exits 0."""
+        ...
+
+    def sh(self, script: str, timeout: float = 60.0) -> str:
+        """Run a shell script in the guest; return its stdout."""
+        ...
+
+
+@dataclass(frozen=True)
+class Signer:
+    """A throwaway signing key on the host and its exported public key."""
+
+    home: Path
+    fingerprint: str
+    public: bytes
+
+
+def make_signer(base: Path, uid: str = "NAS admin <admin@keyd.test>") -> Generator[Signer, None, None]:
+    """A scratch GnuPG home with one fast signing key (generator: stops its agent when closed)."""
+    runner = SubprocessRunner()
+    home = scratch.make_home(base / "gnupg")
+    fpr = scratch.new_key(runner, home, uid)
+    public = runner.run(["gpg", "--homedir", str(home), "--batch", "--export", "--armor", fpr]).stdout
+    try:
+        yield Signer(home, fpr, public.encode())
+    finally:
+        scratch.stop_agent(runner, home)
+
+
+def volume_key(name: str) -> bytes:
+    """A fixed, printable key per volume (no newline: keyd drops one trailing newline)."""
+    return (f"keyd-lab-key-for-{name}-" + "0123456789abcdef" * 3).encode()
+
+
+def make_stick(base: Path, signer: Signer, serial: str, volumes: Mapping[str, bytes], *,
+               bind_serial: str | None = None, runner: Runner | None = None) -> StickSpec:
+    """A vfat stick image with bundles for ``volumes`` signed by ``signer`` (``keydctl enroll``)."""
+    runner = runner or SubprocessRunner()
+    stick_dir = base / f"stick-{serial}"
+    for volume, key in volumes.items():
+        key_file = base / f"{serial}-{volume}.key"
+        key_file.write_bytes(key)
+        runner.run([*KEYDCTL_HOST, "enroll", "--volume", volume,
+                    "--signing-key", signer.fingerprint, "--signer", signer.fingerprint,
+                    "--gnupghome", str(signer.home), "--state-dir", str(base / f"state-{serial}"),
+                    "--output", str(stick_dir), "--key-file", str(key_file),
+                    "--bind-serial", bind_serial or serial], timeout=120)
+    files = {str(p.relative_to(stick_dir)): p.read_bytes() for p in stick_dir.rglob("*") if p.is_file()}
+    image = build_stick(runner, base / f"{serial}.img", label="KEYS", files=files)
+    return StickSpec(image, serial)
+
+
+def config_toml(signer: Signer, volumes: str) -> str:
+    """keyd.toml: the pinned signer and the volumes."""
+    return f'[trust]\nsigners = ["{signer.fingerprint}"]\ngnupghome = "{GNUPGHOME}"\n{volumes}'
+
+
+def write(guest: Guest, path: str, text: str | bytes, mode: str = "0644") -> None:
+    """Create a file in the guest from data sent over the channel."""
+    guest.check(["sh", "-c", f'mkdir -p "$(dirname {path})" && cat > {path} && chmod {mode} {path}'],
+                input=text)
+
+
+def install_keyd(guest: Guest, signer: Signer, config: str,
+                 units: Mapping[str, str] | None = None) -> None:
+    """keydctl install in the guest, then keyd.toml, the signer's key and dependent units."""
+    guest.run(["systemctl", "unmask", "--runtime", "keyd.service"], timeout=60)
+    guest.check([str(GUEST_BIN / "keydctl"), "install"], timeout=180)
+    write(guest, "/etc/keyd/keyd.toml", config)
+    guest.sh(f"rm -rf {GNUPGHOME} /var/lib/keyd/* && mkdir -m 700 -p {GNUPGHOME}")
+    guest.check(["gpg", "--homedir", GNUPGHOME, "--batch", "--import"], input=signer.public,
+                timeout=120)
+    for name, text in (units or {}).items():
+        write(guest, f"/etc/systemd/system/{name}", text)
+    guest.check(["systemctl", "daemon-reload"], timeout=120)
+
+
+def start_keyd(guest: Guest) -> None:
+    """Start keyd.service (Type=notify: returns once keyd sent READY=1)."""
+    result = guest.run(["systemctl", "start", "keyd.service"], timeout=240)
+    if result.rc != 0:
+        raise LabError(f"keyd.service did not start: {result.stderr.strip()}\n"
+                       f"{journal_text(guest, 'keyd.service')}")
+
+
+def stop_keyd(guest: Guest) -> None:
+    """Stop keyd and forget its failures.
+
+    keyd stays masked until the next install: its udev rule would otherwise start it for
+    the sticks that later, non-daemon tests in the same lab plug in.
+    """
+    guest.run(["systemctl", "stop", "keyd.service"], timeout=180)
+    guest.run(["systemctl", "reset-failed", "keyd.service"], timeout=60)
+    guest.run(["systemctl", "mask", "--runtime", "keyd.service"], timeout=60)
+
+
+def journal_text(guest: Guest, unit: str) -> str:
+    """The unit's journal, for failure messages."""
+    return str(guest.run(["journalctl", "-b", "-u", unit, "--no-pager", "-n", "200"],
+                         timeout=60).stdout)
+
+
+def cursor(guest: Guest) -> str:
+    """The journal's current cursor (records after it belong to what follows)."""
+    out = guest.check(["journalctl", "-n", "1", "-o", "json", "--no-pager"]).stdout
+    return str(json.loads(out.strip().splitlines()[-1])["__CURSOR"])
+
+
+def audit_records(guest: Guest, after: str) -> list[dict[str, str]]:
+    """keyd's audit records (those with a keyd MESSAGE_ID) after ``after``, in journal order."""
+    # No match on the command line: with one, journalctl --after-cursor skips the first
+    # matching entry when the cursor's own entry does not match (seen with systemd 252).
+    out = guest.check(["journalctl", "-o", "json", "--no-pager", f"--after-cursor={after}"],
+                      timeout=120).stdout
+    entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return [e for e in entries
+            if e.get("SYSLOG_IDENTIFIER") == "keyd" and e.get("MESSAGE_ID") in EVENT_BY_ID]
+
+
+def events(records: list[dict[str, str]], volume: str | None = None) -> list[str]:
+    """The KEYD_EVENT of each record (only those about ``volume`` if given)."""
+    return [str(EVENT_BY_ID[r["MESSAGE_ID"]]) for r in records
+            if volume is None or r.get("KEYD_VOLUME") == volume]
+
+
+def wait_until(guest: Guest, condition: str, timeout: float = 120.0) -> bool:
+    """Poll a shell condition in the guest (one round trip); True once it held."""
+    tries = int(timeout * 2)
+    result = guest.run(["sh", "-c", f"for i in $(seq {tries}); do ( {condition} ) >/dev/null 2>&1 "
+                        "&& exit 0; sleep 0.5; done; exit 1"], timeout=timeout + 60)
+    return bool(result.rc == 0)
+
+
+def volume_state(guest: Guest, volume: str) -> str:
+    """The daemon's state of ``volume`` over D-Bus (busctl, as root)."""
+    out = guest.check(["busctl", "--json=short", "call", "org.keyd.Keyd1", "/org/keyd/Keyd1",
+                       "org.keyd.Keyd1.Manager", "GetVolume", "s", volume], timeout=60).stdout
+    return str(json.loads(out)["data"][0]["state"])

@@ -1,0 +1,54 @@
+"""What verifying a stick decided: one :class:`Verdict` per key, gathered in a :class:`StickReport`.
+
+Plain data, apart from :mod:`keyd.trust.verify` (which makes them) so that the
+daemon's core can hold and pass reports around without loading the verification
+pipeline (gpg, bundle reading, manifests) before the first stick appears.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from keyd.trust.errors import Reason
+from keyd.trust.secret import SecretBytes, WipeOnExit
+
+if TYPE_CHECKING:
+    from keyd.trust.manifest import KeyEntry, Manifest
+
+
+@dataclass
+class Verdict:
+    """The outcome for one key of the manifest; ``key`` is set only when accepted."""
+
+    entry: KeyEntry
+    reason: Reason | None
+    message: str
+    key: SecretBytes | None = None
+
+    @property
+    def accepted(self) -> bool:
+        """True if this key may be used."""
+        return self.reason is None
+
+
+@dataclass
+class StickReport(WipeOnExit):
+    """The outcome for a whole stick: a stick-wide refusal, or one verdict per key."""
+
+    reason: Reason | None
+    message: str
+    signer: str | None = None
+    manifest: Manifest | None = None
+    verdicts: tuple[Verdict, ...] = ()
+
+    @property
+    def accepted(self) -> tuple[Verdict, ...]:
+        """The keys that passed every check."""
+        return tuple(v for v in self.verdicts if v.accepted)
+
+    def wipe(self) -> None:
+        """Zero every key buffer handed out."""
+        for verdict in self.verdicts:
+            if verdict.key is not None:
+                verdict.key.wipe()
