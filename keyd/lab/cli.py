@@ -158,7 +158,7 @@ def _relay(sock: socket.socket) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Boot, plug a stick, show what keyd will match on, with the timing of each phase."""
+    """Boot a lab NAS (RAID5+LUKS2+XFS), run keyd, plug and pull a signed stick, show the audit."""
     return run_demo(args)
 
 
