@@ -45,10 +45,15 @@ class BundleRejected:
 
 @dataclass(frozen=True)
 class UnlockSucceeded:
-    """The engine opened the stack (``changed`` False: it was already open)."""
+    """The engine opened the stack (``changed`` False: it was already open).
+
+    ``degraded`` lists what the unlock accepted in a degraded state (e.g. a zfs
+    mirror imported with a side missing), one line each.
+    """
 
     seconds: float = 0.0
     changed: bool = True
+    degraded: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

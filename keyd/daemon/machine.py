@@ -242,12 +242,19 @@ def _finish(pending: Pending, *, keep_key_timer: bool = False) -> list[Effect]:
     return [DiscardKey(pending.key.ref), *cancels]
 
 
+def _degraded(key: ev.KeyArrived, event: ev.UnlockSucceeded) -> list[Effect]:
+    """One DEGRADED record per thing the unlock accepted degraded (policy allowed it)."""
+    return [Audit(A.DEGRADED, f"unlocked degraded: {line}", result="degraded",
+                  serial=key.serial, signer=key.signer, bundle_id=key.bundle_id)
+            for line in event.degraded]
+
+
 def _unlocked(pending: Pending, event: ev.UnlockSucceeded, policy: VolumePolicy) -> Result:
     key = pending.key
     done = Audit(A.UNLOCK_FINISHED, "unlocked" if event.changed else "was already unlocked",
                  result="unlocked" if event.changed else "already-unlocked", serial=key.serial,
                  signer=key.signer, bundle_id=key.bundle_id, seconds=event.seconds)
-    effects = [*_finish(pending), done]
+    effects = [*_finish(pending), done, *_degraded(key, event)]
     if pending.lock_after:
         state, lock = _begin_lock("request during unlock")
         return state, effects + lock

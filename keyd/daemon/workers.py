@@ -69,7 +69,7 @@ def unlock(engine: VolumeEngine, volume: Volume, store: KeyStore, ref: str) -> e
         if not isinstance(exc, KeydError):
             log.exception("unlock of %s failed unexpectedly", volume.name)
         return ev.UnlockFailed("error", reason_code(exc), user_message(exc))
-    return ev.UnlockSucceeded(time.monotonic() - started, outcome.changed)
+    return ev.UnlockSucceeded(time.monotonic() - started, outcome.changed, outcome.degraded)
 
 
 def lock(engine: VolumeEngine, volume: Volume) -> ev.Event:

@@ -327,6 +327,16 @@ def test_a_stick_with_a_valid_key_unlocks_a_waiting_volume_and_starts_its_servic
         (AuditEvent.UNLOCK_FINISHED, "S1", "FPR", "b1", 1.5)
 
 
+def test_an_unlock_accepted_degraded_is_audited_as_degraded() -> None:
+    state, _ = transition(WaitingForKey(), KEY, POLICY)
+    line = "pool tank imported DEGRADED: /dev/mapper/keyd-tank-b missing"
+    state, effects = transition(state, ev.UnlockSucceeded(1.0, degraded=(line,)), POLICY)
+    assert state == Unlocked(serial="S1")
+    audits = [(e.event, e.result, e.message) for e in effects if isinstance(e, ef.Audit)]
+    assert audits == [(AuditEvent.UNLOCK_FINISHED, "unlocked", "unlocked"),
+                      (AuditEvent.DEGRADED, "degraded", f"unlocked degraded: {line}")]
+
+
 def test_pulling_the_unlocking_stick_arms_the_grace_timer_only_with_lock_on_removal() -> None:
     state, effects = transition(Unlocked(serial="S1"), ev.StickRemoved("S1"), POLICY)
     assert state == Unlocked(serial="S1", grace=True)
