@@ -69,10 +69,11 @@ BUILD_PACKAGES = ("python3-venv", "python3-dev", "gcc", "pkg-config", "libgirepo
 # guest's tools (systemd, udev, dbus, mkfs...) are installed on the host too.
 LAB_PACKAGES = ("qemu-system-x86", "qemu-utils", "busybox-static", "kmod", "cpio", "udev", "dbus",
                 "systemd", "mtools", "squashfs-tools", "lsof")
-# ZFS in the lab (from Debian's contrib, which `make apt` enables): the guest's zpool/zfs come from the
-# host's zfsutils-linux; dkms, gcc-12, make and file build the module (keyd/lab/zfs.py). zfs-dkms itself
-# is only downloaded and extracted, so its postinst never builds for the host's own kernel.
-ZFS_LAB_PACKAGES = ("zfsutils-linux", "dkms", "gcc-12", "make", "file")
+# ZFS in the lab (from Debian's contrib, which `make apt` enables): the guest's zpool/zfs come from
+# the host's zfsutils-linux; dkms, gcc-12, libc6-dev, make and file build the module
+# (keyd/lab/zfs.py). zfs-dkms itself is only downloaded and extracted, so its postinst never
+# builds for the host's own kernel.
+ZFS_LAB_PACKAGES = ("zfsutils-linux", "dkms", "gcc-12", "libc6-dev", "make", "file")
 
 
 def program(name: str) -> Program:
