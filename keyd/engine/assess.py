@@ -40,6 +40,7 @@ class LayerStatus:
     problem: str | None = None
     fix: str | None = None
     pool: ZfsPool | None = None  # zfs layers: the imported pool, with health and vdevs
+    missing: bool = False  # its device is not there (yet): it cannot open, but nothing clashes
 
 
 def assess(volume: Volume, observed: ObservedState) -> dict[str, LayerStatus]:
@@ -105,7 +106,7 @@ def _crypt(volume: Volume, layer: Layer, observed: ObservedState,
         return _existing_mapping(layer, name, mapping, observed, base)
     if layer.device is not None and base is None:
         return LayerStatus(layer.name, "crypt", problem=f"device {layer.device} is not present",
-                           fix="connect the disk, or correct device in keyd.toml")
+                           fix="connect the disk, or correct device in keyd.toml", missing=True)
     problem = _device_taken(observed, base, name) if base else None
     return LayerStatus(layer.name, "crypt", problem=problem, fix=None if problem is None else
                        "close or unmount it yourself (keyd only touches what it created), "
@@ -176,7 +177,7 @@ def _mount(volume: Volume, layer: Layer, observed: ObservedState,
     status = LayerStatus(layer.name, "mount", mountpoint=layer.mountpoint)
     if layer.device is not None and base is None:
         return replace(status, problem=f"device {layer.device} is not present",
-                        fix="connect the disk, or correct device in keyd.toml")
+                       fix="connect the disk, or correct device in keyd.toml", missing=True)
     mounted = observed.mount_at(layer.mountpoint)
     if mounted is not None and base is not None and mounted in observed.mounts_of(base):
         return replace(status, open=True, owned=True, device=f"/dev/{base}", kname=base,

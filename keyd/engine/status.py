@@ -30,7 +30,8 @@ def report(volume: Volume, observed: ObservedState) -> VolumeReport:
     spared = sum(not status.open for status in statuses
                  if any(status.name in volume.layer(s.name).below
                         for s in statuses if s.kind == "zfs" and s.open))
-    if any(status.problem for status in statuses):
+    # A disk that is not there leaves the volume locked; only a clash is a conflict.
+    if any(status.problem and not status.missing for status in statuses):
         state = "conflict"
     elif open_count + spared == len(statuses) and open_count:
         state = "unlocked"
@@ -42,6 +43,8 @@ def report(volume: Volume, observed: ObservedState) -> VolumeReport:
 
 
 def _layer_state(status: LayerStatus) -> str:
+    if status.missing:
+        return "missing"
     if status.problem:
         return "conflict"
     if status.open:

@@ -116,6 +116,26 @@ def test_partial_volume_and_foreign_layer_in_status() -> None:
     assert to_json([rep])["volumes"][0]["layers"][-1]["degraded"] is True
 
 
+def test_a_volume_whose_disk_is_not_there_is_locked_with_the_layer_missing() -> None:
+    volume = parse_config(textwrap.dedent("""
+        [volume.media.layer.c]
+        kind = "crypt"
+        type = "luks"
+        device = "/dev/disk/by-id/usb-absent"
+        [volume.media.layer.fs]
+        kind = "mount"
+        below = ["c"]
+        fstype = "ext4"
+        mountpoint = "/media"
+        """), "t.toml").volume("media")
+    rep = report(volume, ObservedState())
+    assert rep.state == "locked"
+    layers = to_json([rep])["volumes"][0]["layers"]
+    assert [(layer["name"], layer["state"]) for layer in layers] == [("fs", "closed"),
+                                                                     ("c", "missing")]
+    assert "device /dev/disk/by-id/usb-absent is not present" in render_table([rep])
+
+
 def test_status_conflict_state() -> None:
     volume = CONFIG.volume("tank")
     squatter = DmMapping("dm-3", "keyd-tank-c", "", ())
