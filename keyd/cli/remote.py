@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from keyd.engine.errors import KeyRejected
-from keyd.engine.keys import MAX_KEY_BYTES
+from keyd.engine.keys import read_key_file, read_limited
 from keyd.errors import KeydError
 
 if TYPE_CHECKING:
@@ -57,28 +57,14 @@ def connect_daemon(bus: str | None) -> DaemonLink | None:
     return connect(bus_at(bus) if bus else system_bus)
 
 
-def _read_all(stream: BinaryIO, what: str) -> bytearray:
-    data = bytearray(stream.read(MAX_KEY_BYTES + 1))
-    if len(data) > MAX_KEY_BYTES:
-        data[:] = bytes(len(data))
-        raise KeyRejected(f"{what} is larger than {MAX_KEY_BYTES} bytes",
-                               fix="point --key-file at the key, not at a disk image")
-    return data
-
-
 def _key_file(entries: list[str], stdin: BinaryIO) -> bytearray:
     if len(entries) > 1:
         raise RemoteUsageError("keyd takes one key per unlock (it serves every key name "
                                "of the volume)", fix="for one key per layer use --direct")
     path = entries[0].partition("=")[2] if "=" in entries[0] else entries[0]
     if path == "-":
-        return _read_all(stdin, "the key on stdin")
-    try:
-        with open(path, "rb") as stream:
-            return _read_all(stream, f"key file {path}")
-    except OSError as exc:
-        raise KeyRejected(f"cannot read key file {path}: {exc.strerror}",
-                          fix="check the path given to --key-file") from None
+        return read_limited(stdin, "the key on stdin")
+    return read_key_file(path)
 
 
 def _passphrase(volume: str, ask: Callable[[str], str], stdin: BinaryIO, tty: bool) -> bytearray:

@@ -124,7 +124,7 @@ def _key_names(volume: Volume) -> list[str]:
 
 def _key_source(args: argparse.Namespace, env: Environment,
                 volume: Volume) -> FileKeys | PromptKeys:
-    from keyd.engine.keys import FileKeys, PromptKeys  # noqa: PLC0415 (see module doc)
+    from keyd.engine.keys import FileKeys, PromptKeys, open_binary  # noqa: PLC0415 (see module doc)
     from keyd.engine.plan import vdev_keys  # noqa: PLC0415
 
     names = _key_names(volume)
@@ -147,7 +147,7 @@ def _key_source(args: argparse.Namespace, env: Environment,
     if names and default is None and set(names) - set(by_name) - vdev_keys(volume):
         raise UsageError(f"volume {volume.name} needs a key ({', '.join(names)})",
                          fix="pass --key-file PATH (or - for stdin), or --passphrase")
-    return FileKeys(default, by_name, env.stdin, lambda path: open(path, "rb"))
+    return FileKeys(default, by_name, env.stdin, open_binary)
 
 
 def _line_reader(stream: BinaryIO) -> Callable[[str], str]:

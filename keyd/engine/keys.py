@@ -28,12 +28,29 @@ class KeyInventory(Protocol):
         ...
 
 
-def _read_limited(stream: BinaryIO, what: str) -> bytearray:
+def read_limited(stream: BinaryIO, what: str) -> bytearray:
+    """All of ``stream`` (at most MAX_KEY_BYTES); what was read is wiped if it is too large."""
     data = bytearray(stream.read(MAX_KEY_BYTES + 1))
     if len(data) > MAX_KEY_BYTES:
+        data[:] = bytes(len(data))
         raise KeyRejected(f"{what} is larger than {MAX_KEY_BYTES} bytes",
                           fix="point --key-file at the key, not at a disk image")
     return data
+
+
+def open_binary(path: str) -> BinaryIO:
+    """Open ``path`` for reading bytes (the real opener of key files)."""
+    return open(path, "rb")
+
+
+def read_key_file(path: str, opener: Callable[[str], BinaryIO] = open_binary) -> bytearray:
+    """The key in file ``path`` (``--key-file PATH``); unreadable files are KeyRejected."""
+    try:
+        with opener(path) as stream:
+            return read_limited(stream, f"key file {path}")
+    except OSError as exc:
+        raise KeyRejected(f"cannot read key file {path}: {exc.strerror}",
+                          fix="check the path given to --key-file") from None
 
 
 @dataclass
@@ -61,14 +78,9 @@ class FileKeys:
                               fix=f"pass --key-file {name}=PATH (or one --key-file for all)")
         if path == "-":
             if self._stdin_data is None:
-                self._stdin_data = _read_limited(self.stdin, "the key on stdin")
+                self._stdin_data = read_limited(self.stdin, "the key on stdin")
             return bytearray(self._stdin_data)
-        try:
-            with self.opener(path) as stream:
-                return _read_limited(stream, f"key file {path}")
-        except OSError as exc:
-            raise KeyRejected(f"cannot read key file {path}: {exc.strerror}",
-                              fix="check the path given to --key-file") from None
+        return read_key_file(path, self.opener)
 
     def wipe(self) -> None:
         """Overwrite the key read from stdin."""
