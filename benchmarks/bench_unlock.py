@@ -17,8 +17,6 @@ times are slow, the ratios are what matter).
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,15 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lab_unlock import GUEST_PYTHON, ROOT, booted_lab, ms, run_in_guest, show_unlocks
 
-from keyd.lab.build import new_run_dir, prepare  # noqa: E402
-from keyd.lab.media import create_disk  # noqa: E402
-from keyd.lab.vm import Lab, LabOptions  # noqa: E402
-from keyd.runner import SubprocessRunner  # noqa: E402
+from keyd.lab.media import create_disk
+from keyd.lab.vm import Lab
 
-GUEST_PYTHON = str(ROOT / ".venv" / "bin" / "python")
 WORK = "/run/keyd-bench"
 KEY = b"benchmark key"
 VOLUME = """
@@ -71,15 +65,11 @@ mountpoint = "/mnt/spare{i}"
 
 # Runs in the guest with the checkout's venv; prints one JSON document.
 GUEST_SCRIPT = r'''
-import json, statistics, subprocess, sys, time
-from keyd.adapters.block import Losetup, Mdadm, Mounter
-from keyd.adapters.cryptsetup import Cryptsetup
-from keyd.adapters.system import ProcHolders, Systemctl
+import json, subprocess, sys, time
+from lab_unlock import engine, unlock_rounds
 from keyd.config.parse import load_config
 from keyd.engine.keys import MappingKeys
 from keyd.engine.observe import KernelObserver
-from keyd.engine.ports import Storage
-from keyd.engine.service import Engine
 from keyd.engine.status import report
 from keyd.runner import SubprocessRunner, Timing
 
@@ -87,24 +77,9 @@ work, rounds, python = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 config = load_config(f"{work}/keyd.toml")
 volume = config.volume("bench")
 keys = MappingKeys({"luks": open(f"{work}/key", "rb").read()})
+unlocks = unlock_rounds(work, volume, keys, rounds)
 
-def engine(timing):
-    runner = SubprocessRunner(timing)
-    storage = Storage(Cryptsetup(runner), Mdadm(runner), Mounter(runner), Losetup(runner))
-    return Engine(KernelObserver(runner), storage, ProcHolders(), Systemctl(runner),
-                  run_dir=f"{work}/run")
-
-unlocks = []
-for _ in range(rounds):
-    timing = Timing()
-    started = time.monotonic()
-    outcome = engine(timing).unlock(volume, keys)
-    wall = time.monotonic() - started
-    assert outcome.changed
-    unlocks.append({"wall": wall, "programs": timing.seconds, "calls": timing.calls})
-    engine(Timing()).lock(volume)
-
-engine(Timing()).unlock(volume, keys)  # status is measured on an unlocked volume
+engine(work, Timing()).unlock(volume, keys)  # status is measured on an unlocked volume
 argv = [python, "-m", "keyd.cli.main", "status", "--config", f"{work}/keyd.toml",
         "--run-dir", f"{work}/run"]
 process = []
@@ -121,7 +96,7 @@ for _ in range(50):
 started = time.monotonic()
 subprocess.run([python, "-c", "pass"], check=True)
 bare = time.monotonic() - started
-engine(Timing()).lock(volume)
+engine(work, Timing()).lock(volume)
 print(json.dumps({"unlocks": unlocks, "status_process": process, "status_inproc": inproc,
                   "python_start": bare, "volumes": len(config.volumes)}))
 '''
@@ -144,36 +119,9 @@ def build_volume(lab: Lab, images: Path) -> str:
     return uuid
 
 
-def run_in_guest(lab: Lab, uuid: str, rounds: int) -> dict[str, Any]:
-    """Install config, key and script over the channel; run the script; parse its JSON."""
-    lab.check(["mkdir", "-p", f"{WORK}/run"])
-    for name, data in (("keyd.toml", VOLUME.format(uuid=uuid) + OTHERS), ("key", KEY),
-                       ("bench.py", GUEST_SCRIPT)):
-        lab.check(["sh", "-c", f"cat > {WORK}/{name}"], input=data)
-    out = lab.check([GUEST_PYTHON, f"{WORK}/bench.py", WORK, str(rounds), GUEST_PYTHON],
-                    timeout=600 + 60 * rounds).stdout
-    result: dict[str, Any] = json.loads(out)
-    return result
-
-
-def ms(seconds: float) -> str:
-    """Milliseconds, for printing."""
-    return f"{seconds * 1000:.1f} ms"
-
-
 def show(result: dict[str, Any]) -> None:
     """Print the figures and ratios."""
-    print("unlock (RAID1 -> LUKS2 -> ext4), keyd's Engine in the guest:")
-    ratios = []
-    for i, run in enumerate(result["unlocks"], 1):
-        ratio = run["wall"] / run["programs"]
-        ratios.append(ratio)
-        print(f"  run {i}: keyd {ms(run['wall'])}, programs {ms(run['programs'])}, "
-              f"overhead {ms(run['wall'] - run['programs'])}, ratio {ratio:.3f}")
-    print(f"  median ratio keyd / programs: {statistics.median(ratios):.3f} (goal <= 1.05)")
-    print("  programs of the last run:")
-    for argv, seconds in result["unlocks"][-1]["calls"]:
-        print(f"    {ms(seconds):>10}  {argv}")
+    show_unlocks("RAID1 -> LUKS2 -> ext4", result["unlocks"])
     process, inproc = result["status_process"], result["status_inproc"]
     print(f"keydctl status, {result['volumes']} volumes, whole process "
           f"({len(process)} runs): median {ms(statistics.median(process))}, "
@@ -213,18 +161,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", "--rounds", type=int, default=5, help="unlock/lock rounds")
     args = parser.parse_args()
-    artifacts = prepare(SubprocessRunner())
-    run_dir = new_run_dir("bench-unlock")
-    with tempfile.TemporaryDirectory(prefix="keyd-bench-") as images:
-        lab = Lab.boot(artifacts.kernel, artifacts.initramfs, run_dir, LabOptions())
-        try:
-            print(f"lab booted in {lab.boot_seconds:.1f} s (TCG; absolute times are emulated)")
-            uuid = build_volume(lab, Path(images))
-            show(run_in_guest(lab, uuid, args.rounds))
-        finally:
-            lab.close()
+    with booted_lab("bench-unlock") as (lab, images):
+        uuid = build_volume(lab, images)
+        files: dict[str, str | bytes] = {"keyd.toml": VOLUME.format(uuid=uuid) + OTHERS, "key": KEY,
+                 "bench.py": GUEST_SCRIPT}
+        show(run_in_guest(lab, WORK, files, GUEST_PYTHON, rounds=args.rounds))
     host_status(args.rounds)
-    shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 
