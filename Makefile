@@ -15,9 +15,9 @@ deps: apt venv
 apt:
 	@command -v $(PY_SYS) >/dev/null || { apt-get update -qq && apt-get install -y -qq python3; }
 	@# The lab's OpenZFS (zfsutils-linux, zfs-dkms) lives in Debian's contrib: enable it once, in its own file.
-	@added="$$($(PY_SYS) -m keyd.lab.apt_sources)" && if [ -n "$$added" ]; then echo "apt: enabled contrib in $$added"; apt-get update -qq; fi
+	@added="$$($(PY_SYS) -m keyd_lab.apt_sources)" && if [ -n "$$added" ]; then echo "apt: enabled contrib in $$added"; apt-get update -qq; fi
 	@apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]' || apt-get update -qq
-	@pkgs="$$($(PY_SYS) -m keyd.programs --apt)"; \
+	@pkgs="$$($(PY_SYS) -m keyd_lab.programs --apt)"; \
 	missing=$$(for p in $$pkgs; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "apt: installing" $$missing; \
@@ -43,14 +43,14 @@ bytecode: deps
 vm: bytecode
 	$(PY) -m pytest tests/vm $(PYTEST_FLAGS)
 
-# Unit tests first (fast feedback), then the real-kernel tier in the lab.
-test: bytecode
+# The gates first (seconds), then the unit tests (fast feedback), then the real-kernel tier in the lab.
+test: lint bytecode
 	$(PY) -m pytest tests/unit $(PYTEST_FLAGS)
 	$(PY) -m pytest tests/vm $(PYTEST_FLAGS)
 
 lint: deps
-	$(VENV)/bin/ruff check keyd tests benchmarks
-	$(VENV)/bin/mypy --strict keyd
+	$(VENV)/bin/ruff check keyd keyd_lab tests benchmarks
+	$(VENV)/bin/mypy --strict keyd keyd_lab tests benchmarks
 
 lab: deps
 	$(VENV)/bin/keyd-lab build

@@ -19,12 +19,12 @@ from typing import Any
 from gi.repository import GLib
 
 from keyd.config.model import Volume
-from keyd.daemon.fakes import STICK, FakeEngine, FakeSticks, accepted, harness
 from keyd.daemon.glib_loop import GLibScheduler
 from keyd.daemon.uevents import StickAdded, StickGone
 from keyd.engine.executor import KeySource
 from keyd.engine.service import Outcome
-from keyd.trust.verify import StickReport
+from keyd.trust.report import StickReport
+from tests.support.daemon_fakes import STICK, FakeEngine, FakeSticks, accepted, harness
 
 
 class SlowSticks(FakeSticks):

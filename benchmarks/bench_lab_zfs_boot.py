@@ -17,9 +17,9 @@ import shutil
 import statistics
 import time
 
-from keyd.lab.build import Artifacts, new_run_dir, prepare
-from keyd.lab.vm import Lab, LabOptions
 from keyd.runner import SubprocessRunner
+from keyd_lab.build import Artifacts, new_run_dir, prepare
+from keyd_lab.vm import Lab, LabOptions
 
 
 def prepared(zfs: bool) -> tuple[Artifacts, float]:

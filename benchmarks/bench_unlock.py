@@ -27,8 +27,8 @@ from typing import Any
 
 from lab_unlock import GUEST_PYTHON, ROOT, booted_lab, ms, run_in_guest, show_unlocks
 
-from keyd.lab.media import create_disk
-from keyd.lab.vm import Lab
+from keyd_lab.media import create_disk
+from keyd_lab.vm import Lab
 
 WORK = "/run/keyd-bench"
 KEY = b"benchmark key"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from lab_unlock import booted_lab, run_in_guest, show_unlocks
 
-from keyd.lab.media import create_disk
-from keyd.lab.vm import Lab
+from keyd_lab.media import create_disk
+from keyd_lab.vm import Lab
 
 WORK = "/run/keyd-bench-zfs"
 KEY = b"benchmark key"

@@ -19,10 +19,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from keyd.runner import SubprocessRunner
-from keyd.trust import scratch
 from keyd.trust.gpg import GnuPG
 from keyd.trust.manifest import KeyEntry, Manifest, render_manifest
 from keyd.trust.verify import StickIdentity, TrustState, Verifier, verify_directory
+from keyd_lab import gpg_scratch
 
 SERIAL = "BENCHSERIAL01"
 VOLUMES = ("tank", "media", "backup")
@@ -43,7 +43,7 @@ def write_bundle(root: Path, runner: SubprocessRunner, home: Path, signer: str) 
                                 not_after=now + timedelta(days=1), bind_serial=SERIAL))
     manifest = render_manifest(Manifest(tuple(entries)))
     (keyd / "manifest").write_bytes(manifest)
-    (keyd / "manifest.sig").write_bytes(scratch.sign(runner, home, signer, manifest))
+    (keyd / "manifest.sig").write_bytes(gpg_scratch.sign(runner, home, signer, manifest))
 
 
 def median_ms(action: Callable[[], object], runs: int) -> float:
@@ -64,8 +64,8 @@ def main() -> None:
     runs = parser.parse_args().runs
     runner = SubprocessRunner()
     with tempfile.TemporaryDirectory(prefix="keyd-bench-") as tmp:
-        home = scratch.make_home(Path(tmp, "gnupg"))
-        signer = scratch.new_key(runner, home, "Bench Signer <bench@keyd.test>")
+        home = gpg_scratch.make_home(Path(tmp, "gnupg"))
+        signer = gpg_scratch.new_key(runner, home, "Bench Signer <bench@keyd.test>")
         stick = Path(tmp, "stick")
         write_bundle(stick, runner, home, signer)
         try:
@@ -89,7 +89,7 @@ def main() -> None:
             keyd_ms, cold_ms = median_ms(full, runs), median_ms(cold, runs)
             gpg_ms = median_ms(bare, runs)
         finally:
-            scratch.stop_agent(runner, home)
+            gpg_scratch.stop_agent(runner, home)
     print(f"3-volume bundle, median of {runs} runs:")
     print(f"  keyd full verification : {keyd_ms:7.1f} ms  (bar: <= 150 ms)")
     print(f"  same, new GnuPG adapter: {cold_ms:7.1f} ms  (as keydctl verify runs)")

@@ -32,9 +32,9 @@ from keyd.engine.executor import KeySource  # noqa: E402
 from keyd.engine.observe import KernelObserver  # noqa: E402
 from keyd.engine.ports import Storage  # noqa: E402
 from keyd.engine.service import Engine  # noqa: E402
-from keyd.lab.build import new_run_dir, prepare  # noqa: E402
-from keyd.lab.vm import Lab, LabOptions  # noqa: E402
 from keyd.runner import SubprocessRunner, Timing  # noqa: E402
+from keyd_lab.build import new_run_dir, prepare  # noqa: E402
+from keyd_lab.vm import Lab, LabOptions  # noqa: E402
 
 GUEST_PYTHON = str(ROOT / ".venv" / "bin" / "python")
 # On the guest scripts' PYTHONPATH, so they import this module (the checkout is the guest's too).

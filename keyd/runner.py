@@ -50,7 +50,7 @@ class Timing:
 
 
 class Runner(Protocol):
-    """What adapters need to run a program; fakes in unit tests implement this."""
+    """What adapters need to run a program; test doubles in unit tests implement this."""
 
     def run(self, argv: Sequence[str], *, secret: bytes | bytearray | None = None,
             timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,),

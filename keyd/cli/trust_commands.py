@@ -3,7 +3,7 @@
 Trust settings come from ``--signer`` / ``--gnupghome`` flags or the
 ``[trust]`` table of ``--config`` (default /etc/keyd/keyd.toml; absent is
 fine when flags say enough). ``--state-dir`` and ``--revocations`` let every
-verb run without root against scratch paths.
+verb run without root against throwaway paths.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, TextIO
 from keyd.config import load_config
 from keyd.config.model import DEFAULT_CONFIG, DEFAULT_GNUPGHOME, DEFAULT_REVOCATIONS, TrustConfig
 from keyd.errors import ConfigError, KeydError
+from keyd.fingerprint import normalize_fingerprint
 from keyd.runner import SubprocessRunner
 from keyd.trust import luks
 from keyd.trust.enroll import Enroller, EnrollRequest
@@ -30,7 +31,6 @@ from keyd.trust.report import StickReport
 from keyd.trust.revocation import Revocations, load_revocations, save_revocations, valid_token
 from keyd.trust.secret import SecretBytes
 from keyd.trust.settings import DEFAULT_STATE_DIR, Limits, TrustSettings
-from keyd.trust.status import normalize_fingerprint
 from keyd.trust.verify import (
     StickIdentity,
     Verifier,

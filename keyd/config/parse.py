@@ -42,7 +42,7 @@ from keyd.config.model import (
     ZfsLayer,
 )
 from keyd.errors import ConfigError
-from keyd.trust.status import normalize_fingerprint
+from keyd.fingerprint import normalize_fingerprint
 
 _UNIT = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|target|mount|timer|path)$")
 _TOML_LINE = re.compile(r"at line (\d+)")
@@ -111,7 +111,7 @@ def _absolute(table: Table, key: str, default: str) -> str:
 
 
 def _fingerprint(table: Table, text: str) -> str:
-    fpr = normalize_fingerprint("".join(text.split()))
+    fpr = normalize_fingerprint(text)
     if fpr is None:
         raise table.error("signers", f"{text[:80]!r} is not a full key fingerprint",
                           "use the 40-hex-digit primary fingerprint "

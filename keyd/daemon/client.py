@@ -236,7 +236,7 @@ def lock_outcome(volume: str, state: str, detail: str) -> str:
 
 
 class DaemonLink(Protocol):
-    """What keydctl needs of a connection to keyd (:class:`KeydClient`; fakes in tests)."""
+    """What keydctl needs of a connection to keyd (:class:`KeydClient`; test doubles in unit tests)."""
 
     def get_volume(self, volume: str) -> dict[str, str]:
         """See KeydClient."""

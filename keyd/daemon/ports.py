@@ -1,4 +1,4 @@
-"""The small Protocols the daemon core drives; production adapters and test fakes implement them."""
+"""The small Protocols the daemon core drives; production adapters and test doubles implement them."""
 
 from __future__ import annotations
 

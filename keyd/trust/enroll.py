@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
+from keyd.fingerprint import normalize_fingerprint
 from keyd.trust.atomic import write_atomic
 from keyd.trust.errors import Reason, TrustError
 from keyd.trust.gpg import GnuPG
@@ -30,7 +31,7 @@ from keyd.trust.manifest import (
 from keyd.trust.revocation import Revocations
 from keyd.trust.safe_read import BUNDLE_DIR, read_bundle
 from keyd.trust.secret import SecretBytes
-from keyd.trust.status import judge_output, normalize_fingerprint
+from keyd.trust.status import judge_output
 
 
 @dataclass(frozen=True)

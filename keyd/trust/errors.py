@@ -82,8 +82,8 @@ class UnsafeStickError(TrustError):
     """The stick's ``keyd/`` directory holds something keyd refuses to read."""
 
 
-class KeyRejected(TrustError):
-    """One key of an otherwise valid manifest fails its checks."""
+class BundleRejected(TrustError):
+    """One bundle entry of an otherwise valid manifest fails its checks (expired, replayed...)."""
 
 
 class StickMountError(TrustError):

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import gnupg
 
-from keyd.trust.errors import KeyRejected, Reason, TrustError
+from keyd.trust.errors import BundleRejected, Reason, TrustError
 from keyd.trust.secret import SecretBytes
 
 GPG_OPTIONS = ["--trust-model", "always", "--no-auto-key-retrieve", "--no-greeting"]
@@ -44,7 +44,7 @@ class KeyDecryptor(Protocol):
     """Decrypts an encrypted key file with the host key."""
 
     def decrypt(self, ciphertext: bytes | bytearray) -> SecretBytes:
-        """Return the plaintext in a zeroable buffer, or raise KeyRejected(DECRYPT_FAILED)."""
+        """Return the plaintext in a zeroable buffer, or raise BundleRejected(DECRYPT_FAILED)."""
         ...
 
 
@@ -71,8 +71,8 @@ class GnuPG:
     def check(self, data: bytes | bytearray, signature: bytes | bytearray) -> GpgOutput:
         """Verify ``signature`` (detached) over ``data``; see :class:`SignatureChecker`."""
         # python-gnupg wants the signature as a file; it is public, so a temp file is fine.
-        with tempfile.TemporaryDirectory(prefix="keyd-sig-") as scratch:
-            path = Path(scratch, "manifest.sig")
+        with tempfile.TemporaryDirectory(prefix="keyd-sig-") as workdir:
+            path = Path(workdir, "manifest.sig")
             path.write_bytes(bytes(signature))
             result = self._gpg.verify_data(str(path), bytes(data),
                                            extra_args=["--logger-file", "/dev/null"])
@@ -85,7 +85,7 @@ class GnuPG:
         result.data = b""  # drop python-gnupg's reference; the bytes object itself cannot be wiped
         if not result.ok:
             status = result.status or "no status"
-            raise KeyRejected(Reason.DECRYPT_FAILED,
+            raise BundleRejected(Reason.DECRYPT_FAILED,
                               f"gpg could not decrypt the key file ({status})",
                               fix=f"encrypt key files to a key whose secret part is in {self.home}")
         return SecretBytes(plain)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keyd.fingerprint import normalize_fingerprint
 from keyd.trust.atomic import write_atomic
 from keyd.trust.errors import ManifestError, Reason, TrustStateError
-from keyd.trust.status import normalize_fingerprint
 from keyd.trust.tomlw import toml_table
 
 # A bundle id or a serial (udev's ID_SERIAL_SHORT): no spaces or quotes, bounded.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from keyd.config.model import DEFAULT_GNUPGHOME, DEFAULT_REVOCATIONS
 from keyd.errors import ConfigError
-from keyd.trust.status import normalize_fingerprint
+from keyd.fingerprint import normalize_fingerprint
 
 DEFAULT_STATE_DIR = "/var/lib/keyd"
 DEFAULT_RUN_DIR = "/run/keyd"

@@ -14,11 +14,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from keyd.fingerprint import normalize_fingerprint
 from keyd.trust.errors import Reason, SignatureRejected
 
 PREFIX = "[GNUPG:] "
 _KEYWORD = re.compile(r"[A-Z][A-Z0-9_]*\Z")
-_FINGERPRINT = re.compile(r"[0-9A-F]{40}([0-9A-F]{24})?\Z")
 # VALIDSIG <fpr> <date> <ts> <expire> <ver> <reserved> <pkalgo> <hashalgo> <class> <primary-fpr>
 _VALIDSIG_PRIMARY = 9
 
@@ -60,12 +60,6 @@ def parse_status(text: str) -> tuple[StatusLine, ...]:
                                     f"unexpected gpg status line {raw[:80]!r}")
         lines.append(StatusLine(fields[0], tuple(fields[1:])))
     return tuple(lines)
-
-
-def normalize_fingerprint(text: str) -> str | None:
-    """Upper-case ``text`` without spaces if it is a full v4/v5 fingerprint, else None."""
-    candidate = text.replace(" ", "").upper()
-    return candidate if _FINGERPRINT.match(candidate) else None
 
 
 def _groups(lines: Sequence[StatusLine]) -> list[list[StatusLine]]:

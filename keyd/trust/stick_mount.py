@@ -53,7 +53,7 @@ def mount_options(fstype: str) -> str:
 
 
 class StickMounter:
-    """Mounts sticks safely; construct with the runner and, in tests, a scratch run dir."""
+    """Mounts sticks safely; construct with the runner and, in tests, a throwaway run dir."""
 
     def __init__(self, runner: Runner, *, run_dir: str = DEFAULT_RUN_DIR,
                  filesystems: tuple[str, ...] = DEFAULT_FILESYSTEMS,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from keyd.trust.errors import KeyRejected, Reason, SignatureRejected, TrustError, UnsafeStickError
+from keyd.trust.errors import BundleRejected, Reason, SignatureRejected, TrustError, UnsafeStickError
 from keyd.trust.generations import GenerationStore
 from keyd.trust.gpg import KeyDecryptor, SignatureChecker
 from keyd.trust.manifest import MANIFEST_NAME, SIGNATURE_NAME, KeyEntry, Manifest, parse_manifest
@@ -68,11 +68,11 @@ def check_stick(signer: str, stick: StickIdentity, revoked: Revocations) -> None
 def check_window(entry: KeyEntry, now: datetime) -> None:
     """Refuse a key outside its not_before / not_after window."""
     if now < entry.not_before:
-        raise KeyRejected(Reason.NOT_YET_VALID, f"volume {entry.volume}: bundle "
+        raise BundleRejected(Reason.NOT_YET_VALID, f"volume {entry.volume}: bundle "
                           f"{entry.bundle_id} is valid only from {entry.not_before.isoformat()}",
                           subject=entry.volume)
     if entry.not_after is not None and now >= entry.not_after:
-        raise KeyRejected(Reason.EXPIRED_BUNDLE, f"volume {entry.volume}: bundle "
+        raise BundleRejected(Reason.EXPIRED_BUNDLE, f"volume {entry.volume}: bundle "
                           f"{entry.bundle_id} expired at {entry.not_after.isoformat()}",
                           subject=entry.volume, fix="enroll a new key with keydctl enroll")
 
@@ -82,7 +82,7 @@ def check_binding(entry: KeyEntry, stick: StickIdentity) -> None:
     serial_ok = entry.bind_serial is None or entry.bind_serial == stick.serial
     uuid_ok = entry.bind_fs_uuid is None or _fold(entry.bind_fs_uuid) == _fold(stick.fs_uuid)
     if not (serial_ok and uuid_ok):
-        raise KeyRejected(Reason.WRONG_STICK, f"volume {entry.volume}: bundle {entry.bundle_id} is "
+        raise BundleRejected(Reason.WRONG_STICK, f"volume {entry.volume}: bundle {entry.bundle_id} is "
                           f"bound to another stick (serial {entry.bind_serial or '-'}, filesystem "
                           f"{entry.bind_fs_uuid or '-'}; this one is {stick.serial or '-'}, "
                           f"{stick.fs_uuid or '-'})", subject=entry.volume)
@@ -91,7 +91,7 @@ def check_binding(entry: KeyEntry, stick: StickIdentity) -> None:
 def check_generation(entry: KeyEntry, last: int | None) -> None:
     """Refuse a key older than the last one accepted for its volume (a replayed stick)."""
     if last is not None and entry.generation < last:
-        raise KeyRejected(Reason.REPLAYED_GENERATION, f"volume {entry.volume}: generation "
+        raise BundleRejected(Reason.REPLAYED_GENERATION, f"volume {entry.volume}: generation "
                           f"{entry.generation} is older than the accepted generation {last}",
                           subject=entry.volume, fix="use the stick with the current key")
 
@@ -100,14 +100,14 @@ def check_key_file(entry: KeyEntry, raw: RawBundle) -> bytearray:
     """Return the key file's bytes if present, safely read and matching the manifest hash."""
     if entry.file in raw.problems:
         problem = raw.problems[entry.file]
-        raise KeyRejected(problem.reason, f"volume {entry.volume}: {problem.message}",
+        raise BundleRejected(problem.reason, f"volume {entry.volume}: {problem.message}",
                           subject=entry.volume)
     data = raw.files.get(entry.file)
     if data is None:
-        raise KeyRejected(Reason.MISSING_KEY_FILE, f"volume {entry.volume}: key file "
+        raise BundleRejected(Reason.MISSING_KEY_FILE, f"volume {entry.volume}: key file "
                           f"keyd/{entry.file} is not on the stick", subject=entry.volume)
     if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), entry.sha256):
-        raise KeyRejected(Reason.HASH_MISMATCH, f"volume {entry.volume}: keyd/{entry.file} does "
+        raise BundleRejected(Reason.HASH_MISMATCH, f"volume {entry.volume}: keyd/{entry.file} does "
                           "not match the SHA-256 in the signed manifest", subject=entry.volume)
     return data
 
@@ -125,7 +125,7 @@ class Checks:
 def check_entry(entry: KeyEntry, raw: RawBundle, checks: Checks) -> bytearray:
     """Run every per-key check; return the (still possibly encrypted) key file bytes."""
     if entry.bundle_id in checks.revoked.bundle_ids:
-        raise KeyRejected(Reason.REVOKED_BUNDLE, f"volume {entry.volume}: bundle "
+        raise BundleRejected(Reason.REVOKED_BUNDLE, f"volume {entry.volume}: bundle "
                           f"{entry.bundle_id} is revoked", subject=entry.volume)
     data = check_key_file(entry, raw)
     check_window(entry, checks.now)
@@ -188,7 +188,7 @@ class Verifier:
         if not entry.encrypted:
             return SecretBytes(data)
         if self.decryptor is None:
-            raise KeyRejected(Reason.DECRYPT_FAILED, f"volume {entry.volume}: key is encrypted "
+            raise BundleRejected(Reason.DECRYPT_FAILED, f"volume {entry.volume}: key is encrypted "
                               "but no decryptor was given", subject=entry.volume)
         return self.decryptor.decrypt(data)
 

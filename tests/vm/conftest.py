@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from keyd.errors import KeydError
-from keyd.lab.build import Artifacts, new_run_dir, prepare
-from keyd.lab.media import StickSpec, build_stick, create_disk
-from keyd.lab.vm import Lab, LabOptions
 from keyd.runner import SubprocessRunner
+from keyd_lab.build import Artifacts, new_run_dir, prepare
+from keyd_lab.media import StickSpec, build_stick, create_disk
+from keyd_lab.vm import Lab, LabOptions
 
 BOOT_STICK_SERIAL = "KEYDBOOT01"
 # Undo whatever a test left in the guest's kernel: mounts, loops, dm and md devices.

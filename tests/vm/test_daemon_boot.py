@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from keyd.audit.ids import EVENT_BY_ID
-from keyd.lab.build import Artifacts, new_run_dir
-from keyd.lab.daemon_setup import (
+from keyd_lab.build import Artifacts, new_run_dir
+from keyd_lab.daemon_setup import (
     GNUPGHOME,
     KEYDCTL_HOST,
     Signer,
@@ -22,8 +22,8 @@ from keyd.lab.daemon_setup import (
     make_stick,
     volume_key,
 )
-from keyd.lab.media import StickSpec, create_disk
-from keyd.lab.vm import Lab, LabOptions
+from keyd_lab.media import StickSpec, create_disk
+from keyd_lab.vm import Lab, LabOptions
 
 VOLUME = "delta"
 LUKS_UUID = "5f1a2b3c-0000-4000-8000-00000000d001"

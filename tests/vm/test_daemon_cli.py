@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from keyd.lab.daemon_setup import (
+from keyd_lab.daemon_setup import (
     GUEST_BIN,
     Signer,
     audit_records,

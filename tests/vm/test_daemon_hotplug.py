@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from keyd.lab.daemon_setup import (
+from keyd_lab.daemon_setup import (
     GUEST_BIN,
     Signer,
     audit_records,

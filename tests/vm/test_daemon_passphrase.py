@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from keyd.lab.daemon_setup import (
+from keyd_lab.daemon_setup import (
     Signer,
     audit_records,
     config_toml,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from keyd.lab.daemon_setup import (
+from keyd_lab.daemon_setup import (
     Signer,
     audit_records,
     config_toml,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from keyd.lab.daemon_setup import stop_keyd
-from keyd.lab.demo import ended_well, tell_story
-from keyd.lab.nas import EXPECTED_TRAIL, NasSpec, missing_from_trail
+from keyd_lab.daemon_setup import stop_keyd
+from keyd_lab.demo import ended_well, tell_story
+from keyd_lab.nas import EXPECTED_TRAIL, NasSpec, missing_from_trail
 
 from .conftest import GuestLab
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from keyd.lab.build import Artifacts, new_run_dir
-from keyd.lab.errors import BootTimeout, LabError, QmpError
-from keyd.lab.guest_root import UDEV_AT_BOOT
-from keyd.lab.media import StickSpec, build_stick
-from keyd.lab.vm import Lab, LabOptions
 from keyd.runner import SubprocessRunner
+from keyd_lab.build import Artifacts, new_run_dir
+from keyd_lab.errors import BootTimeout, LabError, QmpError
+from keyd_lab.guest_root import UDEV_AT_BOOT
+from keyd_lab.media import StickSpec, build_stick
+from keyd_lab.vm import Lab, LabOptions
 
 from .conftest import BOOT_STICK_SERIAL, GuestLab
 

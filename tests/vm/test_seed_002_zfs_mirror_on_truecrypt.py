@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from keyd.lab.media import StickSpec, build_stick
 from keyd.runner import SubprocessRunner
+from keyd_lab.media import StickSpec, build_stick
 
 from .conftest import GuestLab
 from .fixtures.keydctl import TCPLAY, dm_names

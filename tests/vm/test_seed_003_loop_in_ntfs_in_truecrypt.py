@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from keyd.lab.channel import GuestResult
+from keyd_lab.channel import GuestResult
 
 from .conftest import GuestLab
 from .fixtures.keydctl import TCPLAY, dm_names, findmnt, keydctl, programs_run, sha256, write_config

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from keyd.lab.media import StickSpec, build_stick
 from keyd.runner import SubprocessRunner
-from keyd.trust import scratch
+from keyd_lab import gpg_scratch
+from keyd_lab.media import StickSpec, build_stick
 
 from .conftest import GuestLab
 
@@ -34,8 +34,8 @@ def signed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pa
     """A stick directory with signed keys for three volumes, bound to serial KEYDSTICK3."""
     runner = SubprocessRunner()
     base = tmp_path_factory.mktemp("bundle")
-    home = scratch.make_home(base / "gnupg")
-    signer = scratch.new_key(runner, home, "NAS admin <admin@keyd.test>")
+    home = gpg_scratch.make_home(base / "gnupg")
+    signer = gpg_scratch.new_key(runner, home, "NAS admin <admin@keyd.test>")
     stick = base / "stick"
     for volume in VOLUMES:
         subprocess.run([*KEYDCTL, "enroll", "--volume", volume, "--signing-key", signer,
@@ -43,7 +43,7 @@ def signed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pa
                         "--output", str(stick), "--generate", "64", "--bind-serial", SERIAL],
                        check=True, capture_output=True)
     yield stick, home, signer
-    scratch.stop_agent(runner, home)
+    gpg_scratch.stop_agent(runner, home)
 
 
 def probe(guest: GuestLab, device: str) -> dict[str, Any]:

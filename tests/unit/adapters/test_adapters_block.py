@@ -9,9 +9,9 @@ import pytest
 
 from keyd.adapters.block import Losetup, Mdadm, Mounter
 from keyd.adapters.retry import Retry
-from keyd.adapters.scripted import Reply, ScriptedRunner
 from keyd.adapters.system import ProcHolders, Systemctl
 from keyd.engine.errors import Holder, StorageError, VolumeBusy
+from tests.support.scripted_runner import Reply, ScriptedRunner
 
 UUID = "6b8b4567327b23c6643c986966334873"
 

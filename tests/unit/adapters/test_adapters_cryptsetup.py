@@ -8,10 +8,10 @@ import pytest
 
 from keyd.adapters.cryptsetup import Cryptsetup, open_command, shape_key
 from keyd.adapters.retry import Retry
-from keyd.adapters.scripted import Reply, ScriptedRunner
 from keyd.config import CryptLayer
 from keyd.engine.errors import KeyRejected, StorageError
 from keyd.errors import ProgramError, user_message
+from tests.support.scripted_runner import Reply, ScriptedRunner
 
 SEED001 = CryptLayer(name="crypt0", type="plain", key="passphrase", key_format="binary",
                      below=("md0",), cipher="aes-cbc-plain", key_size=128)

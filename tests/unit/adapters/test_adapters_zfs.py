@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from keyd.adapters.scripted import Reply, ScriptedRunner
 from keyd.adapters.zfs import Zpool, import_argv
 from keyd.config.model import ZfsLayer
 from keyd.engine.errors import StorageError, VolumeBusy
 from keyd.engine.observed import ZfsPool
+from tests.support.scripted_runner import Reply, ScriptedRunner
 
 GUID = "16093900627180053822"
 LISTED = Reply(f"secretpool\t{GUID}\tONLINE\t-\nother\t1\tONLINE\t-\n")

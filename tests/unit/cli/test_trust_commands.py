@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from keyd.cli.main import build_parser, main
 from keyd.cli.trust_commands import enroll_main, parse_date
 from keyd.errors import ProgramError
 from keyd.runner import SubprocessRunner
-from keyd.trust import scratch
+from keyd_lab import gpg_scratch
 
 SERIAL = "USBSERIAL0001"
 
@@ -34,14 +35,14 @@ class Keys:
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keys]:
     """Fast keys, made once for this module; the agent is stopped afterwards."""
     runner = SubprocessRunner()
-    home = scratch.make_home(tmp_path_factory.mktemp("cli-gpg") / "home")
-    signer = scratch.new_key(runner, home, "Admin <admin@keyd.test>")
-    host = scratch.new_key(runner, home, "Host <host@keyd.test>", usage="cert")
-    scratch.add_encryption_subkey(runner, home, host)
+    home = gpg_scratch.make_home(tmp_path_factory.mktemp("cli-gpg") / "home")
+    signer = gpg_scratch.new_key(runner, home, "Admin <admin@keyd.test>")
+    host = gpg_scratch.new_key(runner, home, "Host <host@keyd.test>", usage="cert")
+    gpg_scratch.add_encryption_subkey(runner, home, host)
     try:
         yield Keys(home, signer, host)
     finally:
-        scratch.stop_agent(runner, home)
+        gpg_scratch.stop_agent(runner, home)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Cli:
                      self.keys.signer, "--output", str(self.stick), "--bind-serial", SERIAL,
                      *extra])
 
-    def verify(self, *extra: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:
+    def verify(self, *extra: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
         capsys.readouterr()
         code = main(["verify", *self.common(), str(self.stick), "--json", *extra])
         return code, json.loads(capsys.readouterr().out)
@@ -78,7 +79,7 @@ def cli(keys: Keys, tmp_path: Path) -> Cli:
     return Cli(keys, tmp_path)
 
 
-def reasons(document: dict) -> dict[str, str | None]:
+def reasons(document: dict[str, Any]) -> dict[str, str | None]:
     return {v["volume"]: v["reason"] for v in document["volumes"]}
 
 

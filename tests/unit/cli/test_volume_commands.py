@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from keyd.adapters.scripted import Reply, ScriptedRunner
 from keyd.cli import main as keydctl
 from keyd.cli.volume_commands import Environment
 from keyd.config import CryptLayer, Volume
@@ -19,6 +18,7 @@ from keyd.engine.errors import Holder, KeyRejected, StorageError
 from keyd.engine.observed import DmMapping, MdArray, MountEntry, ObservedState, RaidMembers
 from keyd.engine.ports import Storage
 from keyd.errors import KeydError, user_message
+from tests.support.scripted_runner import Reply, ScriptedRunner
 
 UUID = "6b8b4567327b23c6643c986966334873"
 CONFIG = f"""

@@ -16,8 +16,8 @@ from gi.repository import GLib
 
 from keyd.config.model import DaemonSettings
 from keyd.daemon.dbus_api import ManagerService, publish
-from keyd.daemon.fakes import harness
 from keyd.daemon.glib_loop import GLibScheduler
+from tests.support.daemon_fakes import harness
 
 
 def main(address: str) -> None:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from keyd.adapters.scripted import Reply, ScriptedRunner
 from keyd.daemon.adapters import AskPassword, SystemctlUnits, SystemdUnits, TrustChecker
 from keyd.daemon.uevents import StickInfo
 from keyd.errors import KeydError
 from keyd.trust.errors import Reason
 from keyd.trust.settings import TrustSettings
+from tests.support.scripted_runner import Reply, ScriptedRunner
 
 SIGNER = "0123456789ABCDEF0123456789ABCDEF01234567"
 

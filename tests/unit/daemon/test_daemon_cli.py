@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from keyd.daemon.client import KeydClient
-from keyd.daemon.fakes import GOOD_KEY
+from tests.support.daemon_fakes import GOOD_KEY
 
 ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.skipif(shutil.which("dbus-daemon") is None,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from keyd.daemon.fakes import GOOD_KEY, STICK, FakeLoop, accepted, harness, rejected
 from keyd.daemon.uevents import MemberAdded, StickAdded, StickGone, StickInfo
 from keyd.engine.errors import DegradedRefused, StorageError
 from keyd.trust.errors import Reason
 from keyd.trust.secret import SecretBytes
+from tests.support.daemon_fakes import GOOD_KEY, STICK, FakeLoop, accepted, harness, rejected
 
 
 def test_start_up_keeps_open_volumes_and_waits_for_keys_for_the_rest() -> None:

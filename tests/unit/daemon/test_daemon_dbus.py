@@ -31,7 +31,7 @@ from keyd.daemon.client import (
     translate_error,
     unlock_outcome,
 )
-from keyd.daemon.fakes import GOOD_KEY
+from tests.support.daemon_fakes import GOOD_KEY
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]

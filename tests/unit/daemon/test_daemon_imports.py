@@ -23,7 +23,7 @@ STEPS = {
     "daemon": "import keyd.daemon.main",
     # An ext2 stick is refused before anything is mounted: no program runs.
     "first stick": """
-from keyd.adapters.scripted import ScriptedRunner
+from tests.support.scripted_runner import ScriptedRunner
 from keyd.daemon.adapters import TrustChecker
 from keyd.daemon.uevents import StickInfo
 from keyd.trust.settings import TrustSettings

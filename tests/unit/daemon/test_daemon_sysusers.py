@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from keyd.adapters.scripted import Reply, ScriptedRunner
 from keyd.cli.daemon_commands import SOURCE, reload_system
 from keyd.config import parse_config
+from tests.support.scripted_runner import Reply, ScriptedRunner
 
 
 def sysusers_groups() -> set[str]:

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from keyd.adapters.scripted import Reply, ScriptedRunner
 from keyd.config import Config, parse_config
 from keyd.engine import doctor
 from keyd.engine.observed import DmMapping, MdArray, ObservedState
 from keyd.engine.status import render_table, report, to_json
 from keyd.errors import ProgramMissing, ProgramTimeout
 from keyd.runner import Completed
+from tests.support.scripted_runner import Reply, ScriptedRunner
 
 UUID = "6b8b4567327b23c6643c986966334873"
 CONFIG = parse_config(textwrap.dedent(f"""

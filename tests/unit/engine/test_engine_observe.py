@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from keyd.adapters.scripted import Reply, ScriptedRunner
 from keyd.config import Volume, parse_config
 from keyd.config.layers import md_uuid
 from keyd.engine.observe import (
@@ -20,6 +19,7 @@ from keyd.engine.observe import (
     unescape,
 )
 from keyd.engine.observed import DmMapping, LoopDevice, MdArray, RaidMembers
+from tests.support.scripted_runner import Reply, ScriptedRunner
 
 UUID = "6b8b4567327b23c6643c986966334873"
 

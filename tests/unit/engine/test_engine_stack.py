@@ -18,7 +18,6 @@ import pytest
 from keyd.adapters.block import Losetup, Mdadm, Mounter
 from keyd.adapters.cryptsetup import Cryptsetup
 from keyd.adapters.retry import Retry
-from keyd.adapters.scripted import Reply, ScriptedRunner
 from keyd.adapters.system import ProcHolders, Systemctl
 from keyd.config import Volume, parse_config
 from keyd.config.layers import md_uuid
@@ -29,6 +28,7 @@ from keyd.engine.ports import Storage
 from keyd.engine.service import Engine
 from keyd.engine.status import render_table
 from keyd.runner import DEFAULT_TIMEOUT, Completed
+from tests.support.scripted_runner import Reply, ScriptedRunner
 
 UUID = "6b8b4567327b23c6643c986966334873"
 MD_UUID = ":".join(UUID[i:i + 8] for i in range(0, 32, 8))

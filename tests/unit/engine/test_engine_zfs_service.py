@@ -7,11 +7,10 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
-from keyd.adapters.scripted import Reply, ScriptedRunner
 from keyd.config import Config, CryptLayer, Volume, parse_config
 from keyd.config.model import ZfsLayer
 from keyd.engine import doctor
@@ -24,6 +23,7 @@ from keyd.engine.ports import Storage
 from keyd.engine.service import Engine
 from keyd.errors import ProgramMissing
 from keyd.runner import Completed
+from tests.support.scripted_runner import Reply, ScriptedRunner
 
 GUID = "16093900627180053822"
 CONFIG = """
@@ -149,9 +149,13 @@ def test_lock_exports_only_what_the_records_say_keyd_imported(tmp_path: Path) ->
     assert PoolRecords(tmp_path).load() == {}
 
 
+def _open_binary(path: str) -> BinaryIO:
+    return open(path, "rb")
+
+
 @pytest.mark.parametrize(("keys", "has_k2"), [
-    (FileKeys("/k", {}, io.BytesIO(), open), True),
-    (FileKeys(None, {"k1": "/k"}, io.BytesIO(), open), False),
+    (FileKeys("/k", {}, io.BytesIO(), _open_binary), True),
+    (FileKeys(None, {"k1": "/k"}, io.BytesIO(), _open_binary), False),
     (MappingKeys({"k1": b"x"}), False),
     (MappingKeys({"k1": b"x", "k2": b"y"}), True),
 ])

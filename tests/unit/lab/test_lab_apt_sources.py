@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from keyd.lab.apt_sources import (
+from keyd_lab.apt_sources import (
     DEBIAN_KEYRING,
     AptSource,
     contrib_file,

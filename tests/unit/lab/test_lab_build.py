@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from keyd.adapters.scripted import Reply, ScriptedRunner
-from keyd.lab import guest_root, kernel
-from keyd.lab.errors import LabError
-from keyd.lab.initramfs import CpioWriter
-from keyd.lab.kernel import Kernel, extract_vmlinux, resolve_package
-from keyd.lab.media import StickSpec
-from keyd.lab.vm import LabOptions, node_id, qemu_argv
+from keyd_lab import guest_root, kernel
+from keyd_lab.errors import LabError
+from keyd_lab.initramfs import CpioWriter
+from keyd_lab.kernel import Kernel, extract_vmlinux, resolve_package
+from keyd_lab.media import StickSpec
+from keyd_lab.vm import LabOptions, node_id, qemu_argv
+from tests.support.scripted_runner import Reply, ScriptedRunner
 
 
 def parse_newc(archive: bytes) -> dict[str, tuple[int, tuple[int, int], bytes]]:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from keyd.lab import guest_agent
-from keyd.lab.channel import Channel
-from keyd.lab.errors import GuestCommandTimeout, LabError, QmpError
-from keyd.lab.qmp import Qmp
+from keyd_lab import guest_agent
+from keyd_lab.channel import Channel
+from keyd_lab.errors import GuestCommandTimeout, LabError, QmpError
+from keyd_lab.qmp import Qmp
 
 
 def serve_once(path: Path, handler: Callable[[socket.socket], None]) -> threading.Thread:

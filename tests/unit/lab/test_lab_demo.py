@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from keyd.lab.channel import GuestCommandFailed, GuestResult
-from keyd.lab.demo import StoryResult, Teller, Transcript, ended_well
-from keyd.lab.media import StickSpec
-from keyd.lab.nas import EXPECTED_TRAIL
+from keyd_lab.channel import GuestCommandFailed, GuestResult
+from keyd_lab.demo import StoryResult, Teller, Transcript, ended_well
+from keyd_lab.media import StickSpec
+from keyd_lab.nas import EXPECTED_TRAIL
 
 
 class FakeLab:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from keyd.lab.errors import LabError
-from keyd.lab.media import build_stick, create_disk
 from keyd.runner import SubprocessRunner
+from keyd_lab.errors import LabError
+from keyd_lab.media import build_stick, create_disk
 
 
 def test_disks_are_sparse_files_of_the_requested_size(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from keyd.audit.reader import AuditEntry, render_table
 from keyd.config.model import MountLayer, RaidLayer
 from keyd.config.parse import parse_config
-from keyd.lab.nas import (
+from keyd_lab.nas import (
     EXPECTED_TRAIL,
     NasSpec,
     Step,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from keyd.adapters.scripted import Reply, ScriptedRunner
-from keyd.lab import zfs
-from keyd.lab.kernel import Kernel
-from keyd.lab.zfs import ZfsBuildError, ZfsPlan
+from keyd_lab import zfs
+from keyd_lab.kernel import Kernel
+from keyd_lab.zfs import ZfsBuildError, ZfsPlan
+from tests.support.scripted_runner import Reply, ScriptedRunner
 
 PLAN = ZfsPlan("6.1.0-56-amd64", "6.1.192-2", "2.1.11-1+deb12u1")
 POLICY = "zfs-dkms:\n  Installed: (none)\n  Candidate: 2.1.11-1+deb12u1\n"

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from keyd.runner import SubprocessRunner
-from keyd.trust import scratch
 from keyd.trust.manifest import KeyEntry, Manifest, render_manifest
 from keyd.trust.revocation import Revocations
+from keyd_lab import gpg_scratch
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class GpgWorld:
 
     def sign(self, fpr: str, data: bytes, faked_time: str | None = None) -> bytes:
         """Sign ``data`` in the admin home."""
-        return scratch.sign(self.runner, self.admin, fpr, data, faked_time)
+        return gpg_scratch.sign(self.runner, self.admin, fpr, data, faked_time)
 
 
 @pytest.fixture(scope="session")
@@ -45,25 +45,25 @@ def gpg_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpgWorld]:
     """Create the admin and keyd homes with every key the tests need."""
     runner = SubprocessRunner()
     base = tmp_path_factory.mktemp("gpg")
-    admin, keyd = scratch.make_home(base / "admin"), scratch.make_home(base / "keyd")
-    good = scratch.new_key(runner, admin, "Good Signer <good@keyd.test>")
-    other = scratch.new_key(runner, admin, "Unpinned Signer <other@keyd.test>")
-    expired = scratch.new_key(runner, admin, "Expired Signer <old@keyd.test>",
+    admin, keyd = gpg_scratch.make_home(base / "admin"), gpg_scratch.make_home(base / "keyd")
+    good = gpg_scratch.new_key(runner, admin, "Good Signer <good@keyd.test>")
+    other = gpg_scratch.new_key(runner, admin, "Unpinned Signer <other@keyd.test>")
+    expired = gpg_scratch.new_key(runner, admin, "Expired Signer <old@keyd.test>",
                               expire="1d", faked_time="20200101T000000")
-    revoked = scratch.new_key(runner, admin, "Revoked Signer <rev@keyd.test>")
-    stranger = scratch.new_key(runner, admin, "Stranger <stranger@keyd.test>")
-    scratch.add_encryption_subkey(runner, admin, stranger)
-    host = scratch.new_key(runner, keyd, "keyd host <host@keyd.test>", usage="cert")
-    scratch.add_encryption_subkey(runner, keyd, host)
+    revoked = gpg_scratch.new_key(runner, admin, "Revoked Signer <rev@keyd.test>")
+    stranger = gpg_scratch.new_key(runner, admin, "Stranger <stranger@keyd.test>")
+    gpg_scratch.add_encryption_subkey(runner, admin, stranger)
+    host = gpg_scratch.new_key(runner, keyd, "keyd host <host@keyd.test>", usage="cert")
+    gpg_scratch.add_encryption_subkey(runner, keyd, host)
     for fpr in (good, other, expired, revoked):
-        scratch.copy_public(runner, admin, keyd, fpr)
-    scratch.copy_public(runner, keyd, admin, host)
-    scratch.revoke_in(runner, admin, keyd, revoked)
+        gpg_scratch.copy_public(runner, admin, keyd, fpr)
+    gpg_scratch.copy_public(runner, keyd, admin, host)
+    gpg_scratch.revoke_in(runner, admin, keyd, revoked)
     try:
         yield GpgWorld(admin, keyd, good, other, expired, revoked, host, stranger, runner)
     finally:
         for home in (admin, keyd):
-            scratch.stop_agent(runner, home)
+            gpg_scratch.stop_agent(runner, home)
 
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

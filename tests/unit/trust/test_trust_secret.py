@@ -52,7 +52,8 @@ class RecordingRunner:
         self.new_key: bytes = b""
 
     def run(self, argv: Sequence[str], *, secret: bytes | bytearray | None = None,
-            timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,)) -> Completed:
+            timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,),
+            cwd: str | os.PathLike[str] | None = None) -> Completed:
         self.argv = list(argv)
         self.stdin = bytes(secret or b"")
         self.new_key = Path(argv[-1]).read_bytes()

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from keyd.fingerprint import normalize_fingerprint
 from keyd.trust.errors import Reason, SignatureRejected
-from keyd.trust.status import decide, judge_output, normalize_fingerprint, parse_status
+from keyd.trust.status import decide, judge_output, parse_status
 
 PRIMARY = "9EFDB299F0E04041D7EEEB40EDE7A9F809657101"
 SUBKEY = "1111111111111111111111111111111111111111"
@@ -107,6 +108,7 @@ def test_lines_without_prefix_are_ignored() -> None:
     (KEYID, None),
     ("G" * 40, None),
     ("A" * 64, "A" * 64),
+    ("9EFDB299F0E0\t4041D7EEEB40EDE7A9F8\n09657101", PRIMARY),
 ])
 def test_fingerprints_are_normalized_or_refused(text: str, expected: str | None) -> None:
     assert normalize_fingerprint(text) == expected

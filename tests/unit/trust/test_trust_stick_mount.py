@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 from collections.abc import Sequence
@@ -25,7 +26,8 @@ class FakeMountRunner:
         self.mode_at_mount: int | None = None
 
     def run(self, argv: Sequence[str], *, secret: bytes | bytearray | None = None,
-            timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,)) -> Completed:
+            timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,),
+            cwd: str | os.PathLike[str] | None = None) -> Completed:
         argv = list(argv)
         self.calls.append(argv)
         joined = " ".join(argv)

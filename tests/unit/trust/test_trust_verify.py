@@ -13,11 +13,11 @@ import pytest
 
 from keyd.trust.errors import Reason
 from keyd.trust.gpg import GnuPG
+from keyd.trust.report import StickReport
 from keyd.trust.revocation import Revocations
 from keyd.trust.settings import Limits, TrustSettings
 from keyd.trust.verify import (
     StickIdentity,
-    StickReport,
     TrustState,
     Verifier,
     commit,
@@ -26,7 +26,7 @@ from keyd.trust.verify import (
 )
 
 if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
-    from conftest import StickDir
+    from tests.unit.trust.conftest import StickDir
 
 KEY = b"\x00\x01secret key bytes\xff" * 4
 

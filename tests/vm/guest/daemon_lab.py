@@ -1,7 +1,7 @@
 """Test-only helpers of the daemon lab tests (tests/vm/test_daemon_*.py).
 
 Signers, signed sticks, installing and starting keyd in the guest and reading
-its audit trail are shared with ``keyd-lab demo``: keyd.lab.daemon_setup.
+its audit trail are shared with ``keyd-lab demo``: keyd_lab.daemon_setup.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from keyd.lab.daemon_setup import GUEST_BIN
+from keyd_lab.daemon_setup import GUEST_BIN
 
 DBUS_CALL = Path(__file__).with_name("daemon_dbus_call.py")
 

@@ -10,8 +10,8 @@ import gzip
 import stat
 from pathlib import Path
 
-from keyd.lab.errors import LabError
-from keyd.lab.kernel import Kernel
+from keyd_lab.errors import LabError
+from keyd_lab.kernel import Kernel
 
 BUSYBOX = Path("/bin/busybox")
 INIT_SCRIPT = Path(__file__).with_name("init.sh")

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from keyd.lab.errors import LabError
 from keyd.runner import Runner
+from keyd_lab.errors import LabError
 
 STICK_FILESYSTEMS = ("vfat", "exfat", "ext4", "ext2", "squashfs")
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from keyd.lab.errors import GuestCommandTimeout, LabError
-from keyd.lab.qmp import connect_unix
+from keyd_lab.errors import GuestCommandTimeout, LabError
+from keyd_lab.qmp import connect_unix
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TextIO
 
-from keyd.lab.build import new_run_dir, prepare
-from keyd.lab.channel import GuestCommandFailed, GuestResult
-from keyd.lab.daemon_setup import (
+from keyd.runner import SubprocessRunner
+from keyd_lab.build import new_run_dir, prepare
+from keyd_lab.channel import GuestCommandFailed, GuestResult
+from keyd_lab.daemon_setup import (
     GNUPGHOME,
     GUEST_BIN,
     Guest,
@@ -38,9 +39,9 @@ from keyd.lab.daemon_setup import (
     wait_until,
     write,
 )
-from keyd.lab.errors import LabError
-from keyd.lab.media import StickSpec, create_disk
-from keyd.lab.nas import (
+from keyd_lab.errors import LabError
+from keyd_lab.media import StickSpec, create_disk
+from keyd_lab.nas import (
     LOCK_EVENTS,
     UNLOCK_EVENTS,
     NasSpec,
@@ -53,8 +54,7 @@ from keyd.lab.nas import (
     timeline,
     trail_from_table,
 )
-from keyd.lab.vm import Lab, LabOptions
-from keyd.runner import SubprocessRunner
+from keyd_lab.vm import Lab, LabOptions
 
 FAST_LUKS = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
 KEYDCTL = str(GUEST_BIN / "keydctl")

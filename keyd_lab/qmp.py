@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from keyd.lab.errors import LabError, QmpError
+from keyd_lab.errors import LabError, QmpError
 
 
 def connect_unix(path: Path, deadline: float) -> socket.socket:

@@ -1,6 +1,6 @@
 """The demo NAS, pure: its shape, keyd's config for it, the audit trail it must leave, the report.
 
-``keyd-lab demo`` (keyd/lab/demo.py) builds this NAS in the lab and drives it;
+``keyd-lab demo`` (keyd_lab/demo.py) builds this NAS in the lab and drives it;
 everything here is text in, text out, so it is tested without a VM.
 """
 

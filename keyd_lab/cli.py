@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from keyd.errors import KeydError, user_message
-from keyd.lab.build import new_run_dir, prepare
-from keyd.lab.demo import run_demo
-from keyd.lab.kernel import cache_dir
-from keyd.lab.media import StickSpec
-from keyd.lab.vm import Lab, LabOptions
 from keyd.runner import SubprocessRunner
+from keyd_lab.build import new_run_dir, prepare
+from keyd_lab.demo import run_demo
+from keyd_lab.kernel import cache_dir
+from keyd_lab.media import StickSpec
+from keyd_lab.vm import Lab, LabOptions
 
 CURRENT = "current"  # symlink in the cache to the persistent lab's run directory
 ESCAPE = b"\x1d"  # Ctrl-]

@@ -8,12 +8,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from keyd.lab import initramfs, zfs
-from keyd.lab.errors import LabError
-from keyd.lab.kernel import Kernel, cache_dir, ensure_kernel, extract_vmlinux
-from keyd.lab.progress import phase
-from keyd.lab.vm import QEMU
 from keyd.runner import Runner
+from keyd_lab import initramfs, zfs
+from keyd_lab.errors import LabError
+from keyd_lab.kernel import Kernel, cache_dir, ensure_kernel, extract_vmlinux
+from keyd_lab.progress import phase
+from keyd_lab.vm import QEMU
 
 
 @dataclass(frozen=True)

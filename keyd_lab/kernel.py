@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyd.errors import ProgramError
-from keyd.lab.errors import LabError
-from keyd.lab.progress import phase
 from keyd.runner import Runner
+from keyd_lab.errors import LabError
+from keyd_lab.progress import phase
 
 METAPACKAGE = "linux-image-amd64"
 COMPLETE = ".complete"

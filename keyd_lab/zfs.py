@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyd.errors import ProgramError
-from keyd.lab.errors import LabError
-from keyd.lab.kernel import COMPLETE, Kernel, cache_dir
-from keyd.lab.progress import phase
 from keyd.runner import Runner
+from keyd_lab.errors import LabError
+from keyd_lab.kernel import COMPLETE, Kernel, cache_dir
+from keyd_lab.progress import phase
 
 SOURCE_PACKAGE = "zfs-dkms"
 MODULE_DIR = "updates/zfs"

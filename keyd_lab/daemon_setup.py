@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Protocol
 
 from keyd.audit.ids import EVENT_BY_ID
-from keyd.lab.channel import GuestResult
-from keyd.lab.errors import LabError
-from keyd.lab.media import StickSpec, build_stick
 from keyd.runner import Runner, SubprocessRunner
-from keyd.trust import scratch
+from keyd_lab import gpg_scratch
+from keyd_lab.channel import GuestResult
+from keyd_lab.errors import LabError
+from keyd_lab.media import StickSpec, build_stick
 
 # The guest sees the host's root: the venv running this is at the same path there.
 GUEST_BIN = Path(sys.prefix) / "bin"
@@ -30,7 +30,7 @@ GNUPGHOME = "/etc/keyd/gnupg"
 
 
 class Guest(Protocol):
-    """What these helpers need of a lab guest (keyd.lab.vm.Lab, the VM tests' GuestLab)."""
+    """What these helpers need of a lab guest (keyd_lab.vm.Lab, the VM tests' GuestLab)."""
 
     def run(self, argv: Sequence[str], input: bytes | str | None = None,
             timeout: float = 60.0) -> GuestResult:
@@ -59,13 +59,13 @@ class Signer:
 def make_signer(base: Path, uid: str = "NAS admin <admin@keyd.test>") -> Generator[Signer, None, None]:
     """A scratch GnuPG home with one fast signing key (generator: stops its agent when closed)."""
     runner = SubprocessRunner()
-    home = scratch.make_home(base / "gnupg")
-    fpr = scratch.new_key(runner, home, uid)
+    home = gpg_scratch.make_home(base / "gnupg")
+    fpr = gpg_scratch.new_key(runner, home, uid)
     public = runner.run(["gpg", "--homedir", str(home), "--batch", "--export", "--armor", fpr]).stdout
     try:
         yield Signer(home, fpr, public.encode())
     finally:
-        scratch.stop_agent(runner, home)
+        gpg_scratch.stop_agent(runner, home)
 
 
 def volume_key(name: str) -> bytes:

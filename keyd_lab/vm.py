@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from keyd.errors import KeydError
-from keyd.lab import guest_root
-from keyd.lab.channel import Channel, GuestCommandFailed, GuestResult
-from keyd.lab.errors import BootTimeout, LabError
-from keyd.lab.kernel import Kernel
-from keyd.lab.media import StickSpec
-from keyd.lab.qmp import Qmp
+from keyd_lab import guest_root
+from keyd_lab.channel import Channel, GuestCommandFailed, GuestResult
+from keyd_lab.errors import BootTimeout, LabError
+from keyd_lab.kernel import Kernel
+from keyd_lab.media import StickSpec
+from keyd_lab.qmp import Qmp
 
 QEMU = "qemu-system-x86_64"
 PR_SET_PDEATHSIG = 1

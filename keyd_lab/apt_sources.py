@@ -1,6 +1,6 @@
 """Enables Debian's ``contrib`` component for apt, which the lab needs for OpenZFS (zfs-dkms, zfsutils-linux).
 
-Run as ``python3 -m keyd.lab.apt_sources`` (standard library only, as root):
+Run as ``python3 -m keyd_lab.apt_sources`` (standard library only, as root):
 if no Debian source already has ``contrib``, it writes
 ``/etc/apt/sources.list.d/keyd-contrib.sources`` (deb822) with the same URIs
 and suites as the box's Debian sources, prints that path and exits 0; the
@@ -141,7 +141,7 @@ def enable_contrib(etc: Path = ETC_APT) -> Path | None:
 
 if __name__ == "__main__":
     if sys.argv[1:]:
-        sys.exit("usage: python3 -m keyd.lab.apt_sources")
+        sys.exit("usage: python3 -m keyd_lab.apt_sources")
     written = enable_contrib()
     if written is not None:
         print(written)
