@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_FLAGS ?=
 
-.PHONY: all deps apt venv bytecode unit vm test lint demo lab clean
+.PHONY: all deps apt venv bytecode unit vm test lint deb demo lab clean
 all: test
 
 deps: apt venv
@@ -23,6 +23,9 @@ apt:
 	  echo "apt: installing" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@# The Debian package's Build-Depends (debian/control), declared there only.
+	@dpkg-checkbuilddeps 2>/dev/null || { echo "apt: installing debian/control's Build-Depends"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq --no-install-recommends ./ >/dev/null; }
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -40,17 +43,31 @@ unit: deps
 bytecode: deps
 	@$(PY) -m compileall -q keyd
 
-vm: bytecode
+# The VM tier installs the Debian package in the lab (tests/vm/test_debian_package.py).
+vm: bytecode deb
 	$(PY) -m pytest tests/vm $(PYTEST_FLAGS)
 
-# The gates first (seconds), then the unit tests (fast feedback), then the real-kernel tier in the lab.
+# The gates first (seconds), then the unit tests (fast feedback), the Debian package (its unit
+# tests against Debian's libraries), then the real-kernel tier in the lab.
 test: lint bytecode
 	$(PY) -m pytest tests/unit $(PYTEST_FLAGS)
+	$(MAKE) --no-print-directory deb
 	$(PY) -m pytest tests/vm $(PYTEST_FLAGS)
 
 lint: deps
 	$(VENV)/bin/ruff check keyd keyd_lab tests benchmarks
 	$(VENV)/bin/mypy --strict keyd keyd_lab tests benchmarks
+
+# keyd_<version>_all.deb in build/deb/, built from a copy of the tree (tracked and untracked
+# files, as git sees them) with Debian's tools; its unit tests run against Debian's python3-*.
+DEB_DIR := build/deb
+deb: deps
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -P --parents -t $(DEB_DIR)/src
+	@# Debian's own python3 and tools only: no venv, no other Python earlier on PATH.
+	cd $(DEB_DIR)/src && env -u VIRTUAL_ENV -u PYTHONPATH PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+	  dpkg-buildpackage --build=binary --no-sign -rfakeroot
+	lintian --fail-on error $(DEB_DIR)/keyd_*_all.deb
 
 lab: deps
 	$(VENV)/bin/keyd-lab build

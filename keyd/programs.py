@@ -36,13 +36,7 @@ PROGRAMS: dict[str, Program] = {p.name: p for p in (
     Program("systemd-tmpfiles", "systemd"),
     Program("systemd-sysusers", "systemd"),
     Program("systemd-ask-password", "systemd"),
-    Program("mkfs.xfs", "xfsprogs", ("-V",)),
-    Program("mkfs.ext4", "e2fsprogs", ("-V",)),
-    Program("mkfs.vfat", "dosfstools", ("--help",)),
-    Program("mkfs.exfat", "exfatprogs", ("-V",)),
     Program("ntfs-3g", "ntfs-3g", ("--version",)),
-    Program("mkntfs", "ntfs-3g", ("--version",)),
-    Program("tcplay", "tcplay", ("-v",)),
     Program("modprobe", "kmod"),
     # zfs layers; zfsutils-linux is in Debian's contrib.
     Program("zpool", "zfsutils-linux", ("version",)),

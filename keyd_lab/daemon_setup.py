@@ -102,11 +102,37 @@ def write(guest: Guest, path: str, text: str | bytes, mode: str = "0644") -> Non
                 input=text)
 
 
+@dataclass(frozen=True)
+class Installation:
+    """How keyd gets into the guest, and where its keydctl then is."""
+
+    what: str                          # as the story tells it
+    keydctl: str
+    argv: tuple[str, ...]              # run in the guest; installs keyd
+
+
+# From this checkout, with the venv's Python and libraries.
+CHECKOUT = Installation("keydctl install (unit, udev rule, D-Bus policy)", str(GUEST_BIN / "keydctl"),
+                        (str(GUEST_BIN / "keydctl"), "install"))
+
+
+def debian_package(deb: str) -> Installation:
+    """The Debian package at ``deb`` in the guest, with Debian's python3 and libraries.
+
+    Its dependencies are on the host already (``make deps``); the guest has no network, so
+    apt-get fails rather than download anything that is missing.
+    """
+    return Installation(f"apt-get install {deb} (Debian's python3 and python3-* libraries)",
+                        "/usr/bin/keydctl",
+                        ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q",
+                         deb))
+
+
 def install_keyd(guest: Guest, signer: Signer, config: str,
-                 units: Mapping[str, str] | None = None) -> None:
-    """keydctl install in the guest, then keyd.toml, the signer's key and dependent units."""
+                 units: Mapping[str, str] | None = None, how: Installation = CHECKOUT) -> None:
+    """Install keyd in the guest (``how``), then keyd.toml, the signer's key and dependent units."""
     guest.run(["systemctl", "unmask", "--runtime", "keyd.service"], timeout=60)
-    guest.check([str(GUEST_BIN / "keydctl"), "install"], timeout=180)
+    guest.check(list(how.argv), timeout=600)
     write(guest, "/etc/keyd/keyd.toml", config)
     guest.sh(f"rm -rf {GNUPGHOME} /var/lib/keyd/* && mkdir -m 700 -p {GNUPGHOME}")
     guest.check(["gpg", "--homedir", GNUPGHOME, "--batch", "--import"], input=signer.public,

@@ -24,9 +24,10 @@ from keyd.runner import SubprocessRunner
 from keyd_lab.build import new_run_dir, prepare
 from keyd_lab.channel import GuestCommandFailed, GuestResult
 from keyd_lab.daemon_setup import (
+    CHECKOUT,
     GNUPGHOME,
-    GUEST_BIN,
     Guest,
+    Installation,
     Signer,
     audit_records,
     cursor,
@@ -57,7 +58,6 @@ from keyd_lab.nas import (
 from keyd_lab.vm import Lab, LabOptions
 
 FAST_LUKS = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
-KEYDCTL = str(GUEST_BIN / "keydctl")
 
 
 class StoryLab(Guest, Protocol):
@@ -108,8 +108,8 @@ class Teller:
 
 
 def tell_story(lab: StoryLab, workdir: Path, out: TextIO, spec: NasSpec | None = None,
-               teller: Teller | None = None) -> StoryResult:
-    """Build the NAS in ``lab``, run keyd on it, plug and pull the key stick; print each step."""
+               teller: Teller | None = None, *, how: Installation = CHECKOUT) -> StoryResult:
+    """Build the NAS in ``lab``, install keyd (``how``), plug and pull the key stick; print each step."""
     spec = spec or NasSpec()
     teller = teller or Teller(out)
     result = StoryResult()
@@ -130,15 +130,15 @@ def tell_story(lab: StoryLab, workdir: Path, out: TextIO, spec: NasSpec | None =
         teller.step("Make the key stick: the admin signs the volume's key, bound to the stick",
                     lambda: _make_stick(workdir, signer, spec, stick))
         teller.step("Install keyd as a systemd service, configured for the NAS volume",
-                    lambda: _install(lab, signer, spec, md_uuid))
+                    lambda: _install(lab, signer, spec, md_uuid, how))
     teller.step(f"Plug in the key stick {spec.stick}: keyd unlocks and mounts the volume",
                 lambda: _plug(lab, stick[0], spec, result))
     teller.step("keydctl status", lambda: (f"keyd reports volume {spec.volume} layer by layer",
-                                           _keydctl(lab, "status")))
+                                           _keydctl(lab, how, "status")))
     teller.step(f"Pull the stick: keyd locks the volume after its {spec.grace:g} s grace",
                 lambda: _pull(lab, spec, result))
     teller.step("keydctl audit: the trail of what happened, from the journal",
-                lambda: _audit(lab, since, result))
+                lambda: _audit(lab, how, since, result))
     result.steps = teller.steps
     print(render_summary(teller.steps), file=out, flush=True)
     return result
@@ -213,14 +213,15 @@ def _make_stick(workdir: Path, signer: Signer, spec: NasSpec,
             "\n".join(files))
 
 
-def _install(lab: StoryLab, signer: Signer, spec: NasSpec, md_uuid: str) -> tuple[str, str]:
+def _install(lab: StoryLab, signer: Signer, spec: NasSpec, md_uuid: str,
+             how: Installation) -> tuple[str, str]:
     config = keyd_toml(spec, signer.fingerprint, GNUPGHOME, md_uuid)
-    installing = _seconds(lambda: install_keyd(lab, signer, config))
+    installing = _seconds(lambda: install_keyd(lab, signer, config, how=how))
     starting = _seconds(lambda: start_keyd(lab))
     status = lab.run(["systemctl", "status", "keyd.service", "--no-pager", "--lines=0"]).stdout
-    return (f"keydctl install (unit, udev rule, D-Bus policy), this /etc/keyd/keyd.toml and the "
-            f"signer's key: {installing:.1f} s; systemctl start keyd.service until READY=1: "
-            f"{starting:.1f} s", f"{config}\n$ systemctl status keyd.service\n{status}")
+    return (f"{how.what}, this /etc/keyd/keyd.toml and the signer's key: {installing:.1f} s; "
+            f"systemctl start keyd.service until READY=1: {starting:.1f} s",
+            f"{config}\n$ systemctl status keyd.service\n{status}")
 
 
 def _seconds(action: Callable[[], None]) -> float:
@@ -261,8 +262,8 @@ def _pull(lab: StoryLab, spec: NasSpec, result: StoryResult) -> tuple[str, str]:
     return f"{verdict}; state {result.state_locked}; after the pull: {when}", "\n".join(shown)
 
 
-def _audit(lab: StoryLab, since: str, result: StoryResult) -> tuple[str, str]:
-    table = _keydctl(lab, "audit", "--since", since)
+def _audit(lab: StoryLab, how: Installation, since: str, result: StoryResult) -> tuple[str, str]:
+    table = _keydctl(lab, how, "audit", "--since", since)
     result.trail = trail_from_table(table.partition("\n")[2])
     missing = missing_from_trail(result.trail)
     outcome = ("every decision is there, in order" if not missing
@@ -270,11 +271,11 @@ def _audit(lab: StoryLab, since: str, result: StoryResult) -> tuple[str, str]:
     return outcome, table
 
 
-def _keydctl(lab: StoryLab, *argv: str) -> str:
+def _keydctl(lab: StoryLab, how: Installation, *argv: str) -> str:
     """``$ keydctl ARGV`` and its output, as typed at the NAS's shell."""
     shown = Transcript(lab)
-    shown.run([KEYDCTL, *argv], timeout=180, check=False)
-    return shown.text().replace(KEYDCTL, "keydctl", 1)
+    shown.run([how.keydctl, *argv], timeout=180, check=False)
+    return shown.text().replace(how.keydctl, "keydctl", 1)
 
 
 def _shell(lab: StoryLab, script: str) -> str:

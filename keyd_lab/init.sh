@@ -36,8 +36,10 @@ mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
     || fail "cannot mount the overlay root"
 
-# The host is a container: systemd would ignore the kernel command line.
-rm -f /newroot/.dockerenv
+# The host is a container: systemd would ignore the kernel command line, and its image's
+# policy-rc.d (exit 101) would stop package scripts from starting or stopping services, which
+# a NAS's packages do.
+rm -f /newroot/.dockerenv /newroot/usr/sbin/policy-rc.d
 mkdir -p /newroot/lib/modules
 mount --bind "/lower$MODULES" /newroot/lib/modules || fail "cannot bind $MODULES"
 cp -a "/lower$OVERLAY/." /newroot/ || fail "cannot copy the overlay files from $OVERLAY"

@@ -11,8 +11,15 @@ import sys
 
 from keyd.programs import Program, packages
 
-# The lab's host-side tools: building the guest and its media.
+# The lab's tools: building the guest and its media on the host, and the stacks that tests
+# and the demo make in the guest (which runs the host's root).
 LAB_PROGRAMS: dict[str, Program] = {p.name: p for p in (
+    Program("mkfs.xfs", "xfsprogs", ("-V",)),
+    Program("mkfs.ext4", "e2fsprogs", ("-V",)),
+    Program("mkfs.vfat", "dosfstools", ("--help",)),
+    Program("mkfs.exfat", "exfatprogs", ("-V",)),
+    Program("mkntfs", "ntfs-3g", ("--version",)),
+    Program("tcplay", "tcplay", ("-v",)),
     Program("qemu-system-x86_64", "qemu-system-x86"),
     Program("apt-get", "apt"),
     Program("apt-cache", "apt"),
@@ -29,6 +36,9 @@ LAB_PROGRAMS: dict[str, Program] = {p.name: p for p in (
 BUILD_PACKAGES = ("python3-venv", "python3-dev", "gcc", "pkg-config", "libgirepository1.0-dev",
                   "libcairo2-dev", "libsystemd-dev", "gir1.2-glib-2.0")
 
+# Needed by `make deb` beside debian/control's Build-Depends (which `make deps` installs too).
+DEB_PACKAGES = ("dpkg-dev", "fakeroot", "lintian")
+
 # Needed by the QEMU lab: the guest runs the host's root read-only, so the
 # guest's tools (systemd, udev, dbus, mkfs...) are installed on the host too.
 LAB_PACKAGES = ("qemu-system-x86", "qemu-utils", "busybox-static", "kmod", "cpio", "udev", "dbus",
@@ -43,7 +53,7 @@ ZFS_LAB_PACKAGES = ("zfsutils-linux", "dkms", "gcc-12", "libc6-dev", "make", "fi
 def apt_packages() -> list[str]:
     """All apt packages keyd, its build and its lab need, sorted and unique."""
     names = set(packages()) | {p.package for p in LAB_PROGRAMS.values()}
-    names |= set(BUILD_PACKAGES) | set(LAB_PACKAGES) | set(ZFS_LAB_PACKAGES)
+    names |= set(BUILD_PACKAGES) | set(DEB_PACKAGES) | set(LAB_PACKAGES) | set(ZFS_LAB_PACKAGES)
     return sorted(names)
 
 

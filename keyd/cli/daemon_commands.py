@@ -46,7 +46,7 @@ RELOADS = (("systemd-sysusers", "/usr/lib/sysusers.d/keyd.conf"),
            ("journalctl", "--update-catalog"),
            ("systemd-tmpfiles", "--create", "/usr/lib/tmpfiles.d/keyd.conf"),
            ("systemctl", "reload", "dbus.service"))
-_PROGRAM = re.compile(r"/usr/bin/(keydctl|keyd)\b")
+_PROGRAM = re.compile(r"/usr/s?bin/(keydctl|keyd)\b")
 
 
 @dataclass(frozen=True)

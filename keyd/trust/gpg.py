@@ -10,7 +10,6 @@ keys are still reported by gpg in that mode (EXPKEYSIG, REVKEYSIG).
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +47,6 @@ class KeyDecryptor(Protocol):
         ...
 
 
-def _environment(home: str) -> dict[str, str]:
-    # A fixed environment: no inherited GNUPGHOME or agent sockets from the caller.
-    return {"LC_ALL": "C", "LANG": "C", "GNUPGHOME": home,
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
-
-
 class GnuPG:
     """gpg operations in one GnuPG home (verify, decrypt, and for enrollment sign/encrypt)."""
 
@@ -65,8 +58,10 @@ class GnuPG:
                              fix=f"mkdir -m 0700 {home} and import the signers' public keys "
                                  f"with gpg --homedir {home} --import")
         self.home = str(home)
-        self._gpg: Any = gnupg.GPG(gnupghome=self.home, options=list(GPG_OPTIONS),
-                                   env=_environment(self.home))
+        # gpg inherits the caller's environment (Debian 12's python-gnupg 0.4.9 cannot set
+        # one): --homedir, which python-gnupg always passes, picks the home and its agent
+        # socket whatever GNUPGHOME says, and status lines are not localised.
+        self._gpg: Any = gnupg.GPG(gnupghome=self.home, options=list(GPG_OPTIONS))
 
     def check(self, data: bytes | bytearray, signature: bytes | bytearray) -> GpgOutput:
         """Verify ``signature`` (detached) over ``data``; see :class:`SignatureChecker`."""
