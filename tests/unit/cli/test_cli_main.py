@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from keyd.cli import main
+from tests import configs
 
 
 def test_every_verb_is_registered_by_the_module_the_table_names() -> None:
@@ -42,7 +43,9 @@ def test_a_config_error_is_one_message_with_its_fix_and_exit_3(capsys: pytest.Ca
 @pytest.mark.parametrize("volumes", [1, 200])  # output left in the buffer at exit, or not
 def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path, volumes: int) -> None:
     config = tmp_path / "keyd.toml"
-    config.write_text("".join(VOLUME.format(n=n) for n in range(volumes)))
+    config.write_text("".join(configs.layer(f"v{n}", "data", "mount", device=f"/dev/disk/by-label/v{n}",
+                                            fstype="ext4", mountpoint=f"/srv/v{n}")
+                              for n in range(volumes)))
     proc = subprocess.Popen([sys.executable, "-m", "keyd.cli.main", "check-config", "--config",
                              str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
@@ -51,12 +54,3 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path, volumes: i
     err = proc.stderr.read().decode()
     assert proc.wait() == 141, err
     assert "Traceback" not in err and "Exception ignored" not in err
-
-
-VOLUME = """
-[volume.v{n}.layer.data]
-kind = "mount"
-device = "/dev/disk/by-label/v{n}"
-fstype = "ext4"
-mountpoint = "/srv/v{n}"
-"""

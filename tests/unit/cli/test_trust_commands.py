@@ -18,6 +18,7 @@ from keyd.cli.trust_commands import enroll_main, parse_date
 from keyd.errors import ProgramError
 from keyd.runner import SubprocessRunner
 from keyd_lab import gpg_scratch
+from tests import configs
 
 SERIAL = "USBSERIAL0001"
 
@@ -74,8 +75,7 @@ class Cli:
 @pytest.fixture
 def cli(keys: Keys, tmp_path: Path) -> Cli:
     """A config whose [trust] table pins the signer and names the home."""
-    (tmp_path / "keyd.toml").write_text(
-        f'[trust]\nsigners = ["{keys.signer}"]\ngnupghome = "{keys.home}"\n')
+    (tmp_path / "keyd.toml").write_text(configs.trust_header([keys.signer], gnupghome=keys.home))
     return Cli(keys, tmp_path)
 
 
@@ -171,7 +171,7 @@ def test_enroll_without_stick_binding_is_refused(cli: Cli) -> None:
 
 
 def test_verify_without_pinned_signers_is_a_config_error(cli: Cli) -> None:
-    (cli.tmp / "keyd.toml").write_text(f'[trust]\ngnupghome = "{cli.keys.home}"\n')
+    (cli.tmp / "keyd.toml").write_text(configs.trust_header(gnupghome=cli.keys.home))
     assert main(["verify", *cli.common(), str(cli.stick)]) == 3
 
 
@@ -246,8 +246,8 @@ def test_verify_reads_the_trust_table_the_way_check_config_does(
     cli.enroll("tank")
     revoked = cli.tmp / "from-config-revoked.toml"
     config = cli.tmp / "keyd.toml"
-    config.write_text(f'[trust]\nsigners = ["{cli.keys.signer}"]\ngnupghome = "{cli.keys.home}"\n'
-                      f'revocations = "{revoked}"\n')
+    config.write_text(configs.trust_header([cli.keys.signer], gnupghome=cli.keys.home,
+                                           revocations=revoked))
     assert main(["revoke", "--config", str(config), "--serial", SERIAL]) == 0
     assert revoked.exists()  # the [trust] revocations path from the config was used
     config.write_text(config.read_text() + "[volume.tank]\n")  # a volume with no layers

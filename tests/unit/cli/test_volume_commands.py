@@ -18,31 +18,15 @@ from keyd.engine.errors import Holder, KeyRejected, StorageError
 from keyd.engine.observed import DmMapping, MdArray, MountEntry, ObservedState, RaidMembers
 from keyd.engine.ports import Storage
 from keyd.errors import KeydError, user_message
+from tests import configs
 from tests.support.scripted_runner import Reply, ScriptedRunner
 
 UUID = "6b8b4567327b23c6643c986966334873"
-CONFIG = f"""
-[volume.tank]
-services = ["smbd.service"]
-[volume.tank.layer.md0]
-kind = "raid"
-uuid = "{UUID}"
-[volume.tank.layer.crypt0]
-kind = "crypt"
-type = "luks"
-below = ["md0"]
-[volume.tank.layer.data]
-kind = "mount"
-below = ["crypt0"]
-fstype = "xfs"
-mountpoint = "/srv/tank"
-
-[volume.plainfs.layer.fs]
-kind = "mount"
-device = "/dev/disk/by-id/usb"
-fstype = "ext4"
-mountpoint = "/srv/usb"
-"""
+CONFIG = configs.raid_crypt_mount(
+    "tank", UUID, configs.LUKS, names=("md0", "crypt0", "data"), fstype="xfs",
+    mountpoint="/srv/tank", services=["smbd.service"],
+) + configs.layer("plainfs", "fs", "mount", device="/dev/disk/by-id/usb", fstype="ext4",
+                  mountpoint="/srv/usb")
 
 
 @dataclass

@@ -7,11 +7,12 @@ import pytest
 from keyd.config import parse_config
 from keyd.config.model import Config, DaemonSettings, VolumePolicy
 from keyd.errors import ConfigError
+from tests import configs
 
 
 def volume(name: str, keys: str = "") -> str:
-    return (f"[volume.{name}]\n{keys}\n[volume.{name}.layer.data]\nkind = \"mount\"\n"
-            f"fstype = \"ext4\"\nmountpoint = \"/srv/{name}\"\ndevice = \"/dev/{name}\"\n")
+    return f"[volume.{name}]\n{keys}\n" + configs.layer(
+        name, "data", "mount", fstype="ext4", mountpoint=f"/srv/{name}", device=f"/dev/{name}")
 
 
 def parse(text: str) -> Config:

@@ -18,36 +18,13 @@ from keyd.config import (
     parse_config,
 )
 from keyd.errors import ConfigError
+from tests import configs
 
-RAID5_PLAIN_XFS = """
-[trust]
-signers = ["0123 4567 89AB CDEF 0123  4567 89AB CDEF 0123 4567"]
-gnupghome = "/var/lib/keyd/gnupg"
-
-[volume.tank]
-services = ["smbd.service", "nfs-server.service"]
-description = "seed 001"
-
-[volume.tank.layer.md0]
-kind = "raid"
-uuid = "6b8b4567:327b23c6:643c9869:66334873"
-degraded = "after=30"
-
-[volume.tank.layer.crypt0]
-kind = "crypt"
-type = "plain"
-below = ["md0"]
-cipher = "aes-cbc-plain"
-key_size = 128
-key = "passphrase"
-
-[volume.tank.layer.data]
-kind = "mount"
-below = ["crypt0"]
-fstype = "xfs"
-mountpoint = "/mnt/raid5crypt/"
-options = ["noatime"]
-"""
+RAID5_PLAIN_XFS = configs.trust_header(
+    ["0123 4567 89AB CDEF 0123  4567 89AB CDEF 0123 4567"], gnupghome="/var/lib/keyd/gnupg",
+) + configs.seed_001("6b8b4567:327b23c6:643c9869:66334873", volume="tank", crypt_name="crypt0",
+                     mountpoint="/mnt/raid5crypt/", options=["noatime"],
+                     services=["smbd.service", "nfs-server.service"], description="seed 001")
 
 
 def parse(text: str) -> Config:
@@ -116,54 +93,23 @@ def test_loop_in_ntfs_in_truecrypt_orders_layers_and_defaults_key_name() -> None
 
 
 def test_veracrypt_with_pim_and_pinned_prf() -> None:
-    config = parse("""
-        [volume.v.layer.vc]
-        kind = "crypt"
-        type = "veracrypt"
-        device = "/dev/disk/by-id/usb-disk"
-        pim = 485
-        hash = "sha512"
-        [volume.v.layer.fs]
-        kind = "mount"
-        below = ["vc"]
-        fstype = "ext4"
-        mountpoint = "/srv/v"
-    """)
+    config = parse(configs.veracrypt_ext4("/dev/disk/by-id/usb-disk", prf="sha512", pim=485,
+                                          volume="v", mountpoint="/srv/v"))
     vc = config.volume("v").layer("vc")
     assert isinstance(vc, CryptLayer) and vc.pim == 485 and vc.hash == "sha512"
 
 
 def test_truecrypt_cipher_pin_names_a_cipher_chain() -> None:
-    config = parse("""
-        [volume.v.layer.tc]
-        kind = "crypt"
-        type = "tcrypt"
-        device = "/dev/disk/by-id/usb-disk"
-        cipher = "serpent-twofish-aes"
-    """)
+    config = parse(configs.crypt_layer("v", "tc", {**configs.TCRYPT, "cipher": "serpent-twofish-aes"},
+                                       device="/dev/disk/by-id/usb-disk"))
     tc = config.volume("v").layer("tc")
     assert isinstance(tc, CryptLayer) and tc.cipher == "serpent-twofish-aes"
 
 
 def test_luks_type_aliases_and_plain_hashed_passphrase() -> None:
-    config = parse("""
-        [volume.a.layer.c]
-        kind = "crypt"
-        type = "luks2"
-        device = "UUID=0b0b"
-        [volume.a.layer.m]
-        kind = "mount"
-        below = ["c"]
-        fstype = "ext4"
-        mountpoint = "/a"
-        [volume.b.layer.c]
-        kind = "crypt"
-        type = "plain"
-        device = "/dev/sdb2"
-        cipher = "aes-cbc-plain"
-        key_size = 256
-        hash = "ripemd160"
-    """)
+    config = parse(configs.crypt_mount("a", "UUID=0b0b", {"type": "luks2"}, names=("c", "m"),
+                                       fstype="ext4", mountpoint="/a")
+                   + configs.crypt_layer("b", "c", configs.PLAIN_2004, device="/dev/sdb2"))
     luks = config.volume("a").layer("c")
     assert isinstance(luks, CryptLayer) and luks.type == "luks"
     plain = config.volume("b").layer("c")

@@ -9,17 +9,10 @@ import pytest
 from keyd.config import parse_config
 from keyd.config.model import ZfsLayer
 from keyd.errors import ConfigError
+from tests import configs
 
-TC = """
-[volume.secret.layer.tc1]
-kind = "crypt"
-type = "tcrypt"
-device = "/dev/vdb"
-[volume.secret.layer.tc2]
-kind = "crypt"
-type = "tcrypt"
-device = "/dev/vdc"
-"""
+DISKS = {"tc1": "/dev/vdb", "tc2": "/dev/vdc"}
+TC = configs.crypt_layers("secret", DISKS)
 
 
 def zfs_of(body: str, extra: str = "") -> ZfsLayer:
@@ -131,7 +124,7 @@ mountpoint = "/srv/p"
 
 
 def test_two_volumes_cannot_import_the_same_pool() -> None:
-    one = TC + '[volume.secret.layer.pool]\nkind = "zfs"\npool = "p"\nbelow = ["tc1", "tc2"]\n'
+    one = configs.zfs_on_crypt("secret", DISKS, pool="p")
     two = one.replace("secret", "other").replace("/dev/vd", "/dev/sd")
     with pytest.raises(ConfigError, match=r"pool .p. is also used by volume\.secret\.layer\.pool"):
         parse_config(one + two, "t.toml")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,38 +12,16 @@ from keyd.engine.observed import DmMapping, MdArray, ObservedState
 from keyd.engine.status import render_table, report, to_json
 from keyd.errors import ProgramMissing, ProgramTimeout
 from keyd.runner import Completed
+from tests import configs
 from tests.support.scripted_runner import Reply, ScriptedRunner
 
 UUID = "6b8b4567327b23c6643c986966334873"
-CONFIG = parse_config(textwrap.dedent(f"""
-    [volume.tank]
-    services = ["smbd.service"]
-    [volume.tank.layer.md0]
-    kind = "raid"
-    uuid = "{UUID}"
-    devices = ["/dev/disk/by-id/a", "/dev/disk/by-id/b"]
-    [volume.tank.layer.c]
-    kind = "crypt"
-    type = "plain"
-    below = ["md0"]
-    cipher = "aes-cbc-plain"
-    key_size = 256
-    hash = "ripemd160"
-    [volume.tank.layer.fs]
-    kind = "mount"
-    below = ["c"]
-    fstype = "ntfs-3g"
-    mountpoint = "/w"
-    [volume.tank.layer.img]
-    kind = "loop"
-    below = ["fs"]
-    image = "rootfs"
-    [volume.tank.layer.root]
-    kind = "mount"
-    below = ["img"]
-    fstype = "ext3"
-    mountpoint = "/r"
-"""), "t.toml")
+# Every layer kind but zfs: seed 004's plain crypt on an md array, seed 003's image in NTFS on top.
+CONFIG = parse_config(
+    configs.raid_crypt_mount("tank", UUID, configs.PLAIN_2004, names=("md0", "c", "fs"),
+                             devices=["/dev/disk/by-id/a", "/dev/disk/by-id/b"], fstype="ntfs-3g",
+                             mountpoint="/w", services=["smbd.service"])
+    + configs.image_mount("tank", "fs", mountpoint="/r"), "t.toml")
 
 
 def test_needed_programs_and_modules_follow_the_config() -> None:
@@ -117,17 +94,9 @@ def test_partial_volume_and_foreign_layer_in_status() -> None:
 
 
 def test_a_volume_whose_disk_is_not_there_is_locked_with_the_layer_missing() -> None:
-    volume = parse_config(textwrap.dedent("""
-        [volume.media.layer.c]
-        kind = "crypt"
-        type = "luks"
-        device = "/dev/disk/by-id/usb-absent"
-        [volume.media.layer.fs]
-        kind = "mount"
-        below = ["c"]
-        fstype = "ext4"
-        mountpoint = "/media"
-        """), "t.toml").volume("media")
+    volume = parse_config(configs.crypt_mount("media", "/dev/disk/by-id/usb-absent", configs.LUKS,
+                                              names=("c", "fs"), fstype="ext4", mountpoint="/media"),
+                          "t.toml").volume("media")
     rep = report(volume, ObservedState())
     assert rep.state == "locked"
     layers = to_json([rep])["volumes"][0]["layers"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -25,30 +24,16 @@ from keyd.engine.plan import (
     plan_unlock,
 )
 from keyd.engine.ports import Storage
+from tests import configs
 
 UUID = "6b8b4567327b23c6643c986966334873"
 
 
 def volume(crypt_type: str = "luks") -> Volume:
-    extra = 'cipher = "aes-cbc-plain"\nkey_size = 128' if crypt_type == "plain" else ""
-    return parse_config(textwrap.dedent(f"""
-        [volume.tank]
-        services = ["smbd.service"]
-        [volume.tank.layer.md0]
-        kind = "raid"
-        uuid = "{UUID}"
-        degraded = "after=5"
-        [volume.tank.layer.crypt0]
-        kind = "crypt"
-        type = "{crypt_type}"
-        below = ["md0"]
-        {extra}
-        [volume.tank.layer.data]
-        kind = "mount"
-        below = ["crypt0"]
-        fstype = "xfs"
-        mountpoint = "/srv/tank"
-    """), "t.toml").volume("tank")
+    crypt = configs.PLAIN_2006 if crypt_type == "plain" else configs.LUKS
+    return parse_config(configs.raid_crypt_mount(
+        "tank", UUID, crypt, names=("md0", "crypt0", "data"), degraded="after=5", fstype="xfs",
+        mountpoint="/srv/tank", services=["smbd.service"]), "t.toml").volume("tank")
 
 
 class Boom(StorageError):

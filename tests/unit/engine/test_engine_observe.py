@@ -19,6 +19,7 @@ from keyd.engine.observe import (
     unescape,
 )
 from keyd.engine.observed import DmMapping, LoopDevice, MdArray, RaidMembers
+from tests import configs
 from tests.support.scripted_runner import Reply, ScriptedRunner
 
 UUID = "6b8b4567327b23c6643c986966334873"
@@ -93,27 +94,13 @@ def tree(tmp_path: Path) -> Tree:
 
 
 def volumes() -> list[Volume]:
-    config = parse_config(textwrap.dedent(f"""
-        [volume.tank.layer.md0]
-        kind = "raid"
-        uuid = "{UUID}"
-        devices = ["/dev/disk/by-id/absolute", "/dev/disk/by-id/gone"]
-        [volume.tank.layer.crypt0]
-        kind = "crypt"
-        type = "plain"
-        below = ["md0"]
-        cipher = "aes"
-        key_size = 256
-        [volume.tank.layer.data]
-        kind = "mount"
-        below = ["crypt0"]
-        fstype = "xfs"
-        mountpoint = "/srv/tank data"
-        [volume.usb.layer.c]
-        kind = "crypt"
-        type = "luks"
-        device = "/dev/disk/by-id/usb-disk-part1"
-    """), "t.toml")
+    plain: configs.Crypt = {"type": "plain", "cipher": "aes", "key_size": 256}
+    config = parse_config(
+        configs.raid_crypt_mount("tank", UUID, plain, names=("md0", "crypt0", "data"),
+                                 devices=["/dev/disk/by-id/absolute", "/dev/disk/by-id/gone"],
+                                 fstype="xfs", mountpoint="/srv/tank data")
+        + configs.crypt_layer("usb", "c", configs.LUKS, device="/dev/disk/by-id/usb-disk-part1"),
+        "t.toml")
     return list(config.volumes)
 
 

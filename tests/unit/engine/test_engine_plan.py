@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 from keyd.config import Volume, parse_config
@@ -32,55 +30,22 @@ from keyd.engine.plan import (
     plan_unlock,
     undo_step,
 )
+from tests import configs
 
 UUID = "6b8b4567327b23c6643c986966334873"
 
 
 def volume_of(text: str, name: str = "tank") -> Volume:
-    return parse_config(textwrap.dedent(text), "t.toml").volume(name)
+    return parse_config(text, "t.toml").volume(name)
 
 
 def seed001(degraded: str = "never") -> Volume:
-    return volume_of(f"""
-        [volume.tank.layer.md0]
-        kind = "raid"
-        uuid = "{UUID}"
-        degraded = "{degraded}"
-        [volume.tank.layer.crypt0]
-        kind = "crypt"
-        type = "plain"
-        below = ["md0"]
-        cipher = "aes-cbc-plain"
-        key_size = 128
-        [volume.tank.layer.data]
-        kind = "mount"
-        below = ["crypt0"]
-        fstype = "xfs"
-        mountpoint = "/srv/tank"
-    """)
+    return volume_of(configs.seed_001(UUID, volume="tank", crypt_name="crypt0", key=None,
+                                      degraded=degraded, mountpoint="/srv/tank"))
 
 
 def seed003() -> Volume:
-    return volume_of("""
-        [volume.work.layer.tc]
-        kind = "crypt"
-        type = "tcrypt"
-        device = "/dev/disk/by-id/disk-part2"
-        [volume.work.layer.ntfs]
-        kind = "mount"
-        below = ["tc"]
-        fstype = "ntfs-3g"
-        mountpoint = "/media/winroot"
-        [volume.work.layer.img]
-        kind = "loop"
-        below = ["ntfs"]
-        image = "rootfs"
-        [volume.work.layer.root]
-        kind = "mount"
-        below = ["img"]
-        fstype = "ext3"
-        mountpoint = "/mnt/root"
-    """, "work")
+    return volume_of(configs.seed_003("/dev/disk/by-id/disk-part2", root="/mnt/root"), "work")
 
 
 MEMBERS3 = RaidMembers(UUID, 3, ("/dev/sdb", "/dev/sdc", "/dev/sdd"))
@@ -282,13 +247,8 @@ def test_seed003_unlock_and_lock_order() -> None:
 
 
 def test_explicit_member_list_counts_only_present_devices() -> None:
-    volume = volume_of(f"""
-        [volume.tank.layer.md0]
-        kind = "raid"
-        uuid = "{UUID}"
-        devices = ["/dev/disk/by-id/a", "/dev/disk/by-id/b"]
-        degraded = "always"
-    """)
+    volume = volume_of(configs.layer("tank", "md0", "raid", uuid=UUID, degraded="always",
+                                     devices=["/dev/disk/by-id/a", "/dev/disk/by-id/b"]))
     plan = plan_unlock(volume, observed(paths={"/dev/disk/by-id/a": "sdb"}))
     assert plan.steps == (AssembleRaid("md0", UUID, "keyd-tank-md0",
                                        ("/dev/disk/by-id/a",), run=True),)

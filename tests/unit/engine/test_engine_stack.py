@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from keyd.engine.ports import Storage
 from keyd.engine.service import Engine
 from keyd.engine.status import render_table
 from keyd.runner import DEFAULT_TIMEOUT, Completed
+from tests import configs
 from tests.support.scripted_runner import Reply, ScriptedRunner
 
 UUID = "6b8b4567327b23c6643c986966334873"
@@ -150,20 +150,8 @@ def world(tmp_path: Path) -> World:
                       Mounter(runner, create_mountpoints=False), Losetup(runner))
     engine = Engine(KernelObserver(runner, tree.root), storage, ProcHolders(tree.root),
                     Systemctl(runner), run_dir=str(tmp_path / "run"))
-    volume = parse_config(textwrap.dedent(f"""
-        [volume.nas.layer.md0]
-        kind = "raid"
-        uuid = "{UUID}"
-        [volume.nas.layer.luks]
-        kind = "crypt"
-        type = "luks"
-        below = ["md0"]
-        [volume.nas.layer.fs]
-        kind = "mount"
-        below = ["luks"]
-        fstype = "ext4"
-        mountpoint = "/srv/nas"
-    """), "t.toml").volume("nas")
+    volume = parse_config(configs.luks_on_raid(UUID, volume="nas", md_name="md0",
+                                               mountpoint="/srv/nas"), "t.toml").volume("nas")
     return tree, engine, volume
 
 

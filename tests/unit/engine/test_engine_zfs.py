@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -27,31 +26,16 @@ from keyd.engine.plan import (
 from keyd.engine.pool_records import MemoryRecords
 from keyd.engine.ports import Storage
 from keyd.engine.status import render_table, report, to_json
+from tests import configs
 
 GUID = "16093900627180053822"
 TC1, TC2 = "/dev/mapper/keyd-secret-tc1", "/dev/mapper/keyd-secret-tc2"
 
 
 def seed002(degraded: str = "never", keys: tuple[str, str] = ("k1", "k2")) -> Volume:
-    return parse_config(textwrap.dedent(f"""
-        [volume.secret]
-        services = ["smbd.service"]
-        [volume.secret.layer.tc1]
-        kind = "crypt"
-        type = "tcrypt"
-        device = "/dev/vdb"
-        key = "{keys[0]}"
-        [volume.secret.layer.tc2]
-        kind = "crypt"
-        type = "tcrypt"
-        device = "/dev/vdc"
-        key = "{keys[1]}"
-        [volume.secret.layer.pool]
-        kind = "zfs"
-        pool = "secretpool"
-        below = ["tc1", "tc2"]
-        degraded = "{degraded}"
-    """), "t.toml").volume("secret")
+    return parse_config(configs.seed_002("/dev/vdb", "/dev/vdc", volume="secret", keys=keys,
+                                         degraded=degraded, services=["smbd.service"]),
+                        "t.toml").volume("secret")
 
 
 DISKS = {"/dev/vdb": "vdb", "/dev/vdc": "vdc"}

@@ -23,30 +23,15 @@ from keyd.engine.ports import Storage
 from keyd.engine.service import Engine
 from keyd.errors import ProgramMissing
 from keyd.runner import Completed
+from tests import configs
 from tests.support.scripted_runner import Reply, ScriptedRunner
 
 GUID = "16093900627180053822"
-CONFIG = """
-[volume.secret.layer.tc1]
-kind = "crypt"
-type = "tcrypt"
-device = "/dev/vdb"
-key = "k1"
-[volume.secret.layer.tc2]
-kind = "crypt"
-type = "tcrypt"
-device = "/dev/vdc"
-key = "k2"
-[volume.secret.layer.pool]
-kind = "zfs"
-pool = "secretpool"
-below = ["tc1", "tc2"]
-degraded = "{degraded}"
-"""
 
 
 def seed002(degraded: str = "always") -> Volume:
-    return parse_config(CONFIG.format(degraded=degraded), "t.toml").volume("secret")
+    return parse_config(configs.seed_002("/dev/vdb", "/dev/vdc", volume="secret", keys=("k1", "k2"),
+                                         degraded=degraded), "t.toml").volume("secret")
 
 
 LOCKED = ObservedState(paths={"/dev/vdb": "vdb", "/dev/vdc": "vdc"})
@@ -190,8 +175,8 @@ STATUS = textwrap.dedent("""\
 def test_observer_asks_zpool_only_when_a_zfs_layer_is_configured(tmp_path: Path) -> None:
     runner = ScriptedRunner().on(*LIST, reply=Reply(f"secretpool\t{GUID}\tONLINE\t-\n")) \
         .on("zpool", "status", "-P", reply=Reply(STATUS))
-    plain = parse_config('[volume.v.layer.c]\nkind = "crypt"\ntype = "luks"\n'
-                         'device = "/dev/vdb"\n', "t.toml").volumes
+    plain = parse_config(configs.crypt_layer("v", "c", configs.LUKS, device="/dev/vdb"),
+                         "t.toml").volumes
     assert KernelObserver(runner, tmp_path).observe(plain).pools == ()
     assert runner.argvs("zpool") == []
     (found,) = KernelObserver(runner, tmp_path).observe([seed002()], members=False).pools
