@@ -1,9 +1,11 @@
-"""keyd, the daemon: udev hot-plug, a pure per-volume state machine, systemd and D-Bus glue.
+"""keyd, the daemon: udev hot-plug, level-triggered reconciliation, systemd and D-Bus glue.
 
-Layout: :mod:`~keyd.daemon.machine` (pure transitions), :mod:`~keyd.daemon.uevents`
-(pure edge translation), :mod:`~keyd.daemon.backoff` (pure per-stick backoff),
-(the daemon's policy keys are in keyd.toml: :mod:`keyd.config.daemon`), :mod:`~keyd.daemon.core`
-(dispatches events, keeps states), :mod:`~keyd.daemon.actions` (carries effects out),
+Layout: :mod:`~keyd.daemon.facts` (what keyd knows of each volume, and the state it
+shows), :mod:`~keyd.daemon.reconcile` (pure: events update facts, the goal and the next
+job are derived from them), :mod:`~keyd.daemon.uevents` (pure edge translation),
+:mod:`~keyd.daemon.backoff` (pure per-stick backoff), :mod:`~keyd.daemon.core` (feeds
+events in, carries effects out), :mod:`~keyd.daemon.workers` (the blocking jobs),
 :mod:`~keyd.daemon.main` (the GLib loop), :mod:`~keyd.daemon.dbus_api` and
-:mod:`~keyd.daemon.client` (the D-Bus interface and its client).
+:mod:`~keyd.daemon.client` (the D-Bus interface and its client). The daemon's policy keys
+are in keyd.toml (:mod:`keyd.config.daemon`).
 """

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from keyd.daemon.uevents import StickInfo
@@ -92,14 +94,40 @@ class SystemdUnits:
         """Queue a stop job (mode "replace"); see UnitManager."""
         self._call("StopUnit", unit)
 
+    def wait_stopped(self, unit: str, timeout: float) -> bool:
+        """Poll the unit's ActiveState until it is down (see UnitManager)."""
+        return wait_until_down(lambda: self._active_state(unit), timeout)
+
+    def _active_state(self, unit: str) -> str:
+        try:
+            path = self._systemd().GetUnit(unit)
+            proxy = self.bus.get("org.freedesktop.systemd1", path)
+            return str(proxy["org.freedesktop.systemd1.Unit"].ActiveState)
+        except Exception:  # not loaded any more: it is down
+            return "inactive"
+
+    def _systemd(self) -> Any:
+        if self.manager is None:
+            self.manager = self.bus.get("org.freedesktop.systemd1", "/org/freedesktop/systemd1")
+        return self.manager
+
     def _call(self, method: str, unit: str) -> None:
         try:
-            if self.manager is None:
-                self.manager = self.bus.get("org.freedesktop.systemd1", "/org/freedesktop/systemd1")
-            getattr(self.manager, method)(unit, "replace")
+            getattr(self._systemd(), method)(unit, "replace")
         except Exception as exc:  # GLib.Error from D-Bus: the unit is unknown, masked, ...
             raise KeydError(f"systemd refused {method} {unit}: {exc}",
                             fix=f"check `systemctl status {unit}`") from None
+
+
+def wait_until_down(active_state: Callable[[], str], timeout: float,
+                    sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Poll ``active_state`` every 0.2 s until it is neither active nor deactivating."""
+    deadline = time.monotonic() + timeout
+    while active_state() in ("active", "deactivating", "reloading", "activating"):
+        if time.monotonic() >= deadline:
+            return False
+        sleep(0.2)
+    return True
 
 
 class SystemctlUnits:
@@ -115,3 +143,10 @@ class SystemctlUnits:
     def stop(self, unit: str) -> None:
         """``systemctl stop --no-block UNIT``."""
         self.runner.run(["systemctl", "stop", "--no-block", "--", unit], timeout=60)
+
+    def wait_stopped(self, unit: str, timeout: float) -> bool:
+        """Poll ``systemctl is-active UNIT`` (see UnitManager)."""
+        def active_state() -> str:
+            argv = ["systemctl", "is-active", "--", unit]
+            return self.runner.run(argv, timeout=30, ok_codes=range(256)).stdout.strip()
+        return wait_until_down(active_state, timeout)

@@ -1,10 +1,12 @@
-"""The daemon's core: one state per volume, fed by udev, timers, workers and D-Bus; no I/O of its own.
+"""The daemon's core: facts per volume, fed by udev, timers, workers and D-Bus; no I/O of its own.
 
 Everything here runs in the event loop (the :class:`~keyd.daemon.ports.Scheduler`),
-one callback at a time, so no locks are needed. Blocking work (mounting a
-stick, cryptsetup, asking a passphrase) goes to workers whose results come
-back as events. Effects of the pure machine are carried out by
-:meth:`Daemon.carry`.
+one callback at a time, so no locks are needed. Every event updates the facts
+of the volumes it concerns and reconciles them (:mod:`keyd.daemon.reconcile`,
+pure); blocking work (mounting a stick, cryptsetup, asking a passphrase) goes
+to workers whose results come back as events. The effects the pure core asks
+for are carried out by :meth:`Daemon.carry`; the state shown on D-Bus is
+derived from the facts and announced whenever it changes.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from keyd.daemon import effects as ef
 from keyd.daemon import events as ev
 from keyd.daemon import workers
 from keyd.daemon.backoff import Backoff
+from keyd.daemon.facts import VolumeFacts, detail, state_name
 from keyd.daemon.keystore import KeyStore
-from keyd.daemon.machine import Locked, Locking, State, Unlocking, transition
 from keyd.daemon.ports import (
     Announcer,
     PassphraseAsker,
@@ -32,6 +34,7 @@ from keyd.daemon.ports import (
     UnitManager,
     VolumeEngine,
 )
+from keyd.daemon.reconcile import step
 from keyd.daemon.uevents import (
     MemberAdded,
     MemberRemoved,
@@ -78,7 +81,7 @@ class DaemonPorts:
 
 
 class Daemon:
-    """Keeps each volume's state and carries out what the machine decides."""
+    """Keeps each volume's facts and carries out what reconciling them decides."""
 
     def __init__(self, config: Config, ports: DaemonPorts, loop: Scheduler) -> None:
         self.config = config
@@ -86,11 +89,13 @@ class Daemon:
         self.ports = ports
         self.loop = loop
         self.volumes: dict[str, Volume] = {v.name: v for v in config.volumes}
-        self.states: dict[str, State] = {name: Locked() for name in self.volumes}
-        self.details: dict[str, str] = dict.fromkeys(self.volumes, "")
+        self.facts: dict[str, VolumeFacts] = {name: VolumeFacts() for name in self.volumes}
+        self.shown: dict[str, tuple[str, str]] = {name: ("locked", "") for name in self.volumes}
         self.keys = KeyStore()
         self.backoff = Backoff(config.daemon.backoff_base, config.daemon.backoff_max)
         self.sticks: dict[str, StickInfo] = {}
+        self.inserted: dict[str, int] = {}  # devnode -> when it went in (the order of actions)
+        self._seq = 0
         self._timers: dict[tuple[str, ef.Timer], Any] = {}
         self._retries: dict[str, Any] = {}
         self._checks = 0
@@ -117,8 +122,7 @@ class Daemon:
 
     def busy(self) -> bool:
         """True while a stick check, an unlock or a lock is running."""
-        return self._checks > 0 or any(isinstance(s, Unlocking | Locking)
-                                       for s in self.states.values())
+        return self._checks > 0 or any(f.job is not None for f in self.facts.values())
 
     def _maybe_settled(self) -> None:
         if self._on_settled is not None and not self.busy():
@@ -131,13 +135,7 @@ class Daemon:
         except Exception as exc:  # the daemon must come up even if the kernel can't be read
             log.error("cannot read the kernel's state at start-up: %s", user_message(exc))
             return dict.fromkeys(self.volumes, "locked")
-        found: dict[str, ev.ObservedKind] = {}
-        for report in reports:
-            opened = sum(layer.open for layer in report.layers)
-            # "conflict" with nothing open (e.g. a device not there yet) is simply locked.
-            found[report.name] = ("unlocked" if report.state.startswith("unlocked")
-                                  else "partial" if opened else "locked")
-        return found
+        return {report.name: workers.observed_kind(report) for report in reports}
 
     def stop(self) -> None:
         """Cancel every timer and wipe every key held (the stacks stay as they are)."""
@@ -153,19 +151,30 @@ class Daemon:
 
     # -- events ----------------------------------------------------------------------------
 
+    def state(self, volume: str) -> str:
+        """The state keyd shows for ``volume`` (derived from its facts)."""
+        return state_name(self.facts[volume])
+
     def dispatch(self, volume: str, event: ev.Event) -> None:
-        """Feed one event to one volume's machine and carry out the effects."""
-        before = self.states[volume]
-        if isinstance(event, ev.UnlockSucceeded) and isinstance(before, Unlocking):
-            self._commit(before.pending.key.ref)
-        after, effects = transition(before, event, self.policy(volume))
-        self.states[volume] = after
-        if type(after) is not type(before):
-            log.info("volume %s: %s -> %s (%s)", volume, before.name, after.name,
+        """Update one volume's facts with ``event``, reconcile, carry out the effects."""
+        before = self.facts[volume]
+        if isinstance(event, ev.UnlockSucceeded) and before.trying is not None:
+            self._commit(before.trying.ref)
+        after, effects = step(before, event, self.policy(volume))
+        self.facts[volume] = after
+        if state_name(after) != state_name(before):
+            log.info("volume %s: %s -> %s (%s)", volume, state_name(before), state_name(after),
                      type(event).__name__)
         for effect in effects:
             self.carry(volume, effect)
+        self._announce(volume)
         self._maybe_settled()
+
+    def _announce(self, volume: str) -> None:
+        shown = (state_name(self.facts[volume]), detail(self.facts[volume], self.policy(volume)))
+        if shown != self.shown[volume]:
+            self.shown[volume] = shown
+            self.ports.announcer.state_changed(volume, *shown)
 
     def broadcast(self, event: ev.Event) -> None:
         """Feed ``event`` to every volume."""
@@ -190,6 +199,7 @@ class Daemon:
         if self.sticks.get(stick.devnode) == stick:
             return  # coldplug and the add event, or a change event: already handled
         self.sticks[stick.devnode] = stick
+        self.inserted[stick.devnode] = self._next()
         self.audit(None, A.STICK_INSERTED, f"key stick {stick.key} inserted at {stick.devnode} "
                    f"({stick.fstype})", serial=stick.key, result=stick.fstype)
         self._try_stick(stick)
@@ -204,8 +214,9 @@ class Daemon:
                 wait, lambda: self._retry_stick(stick))
             return
         self._checks += 1
+        seq = self.inserted[stick.devnode]  # when it went in, even if it is gone by the verdict
         self.loop.run_in_worker(lambda: self.ports.sticks.check(stick),
-                                lambda report: self._stick_checked(stick, report))
+                                lambda report: self._stick_checked(stick, report, seq))
 
     def _retry_stick(self, stick: StickInfo) -> None:
         self._retries.pop(stick.devnode, None)
@@ -215,6 +226,7 @@ class Daemon:
     def stick_gone(self, devnode: str) -> None:
         """A stick (or its medium) went away."""
         stick = self.sticks.pop(devnode, None)
+        self.inserted.pop(devnode, None)
         handle = self._retries.pop(devnode, None)
         if handle is not None:
             self.loop.cancel(handle)
@@ -224,14 +236,14 @@ class Daemon:
                    serial=stick.key, result="removed")
         self.broadcast(ev.StickRemoved(stick.key))
 
-    def _stick_checked(self, stick: StickInfo, report: Any) -> None:
+    def _stick_checked(self, stick: StickInfo, report: Any, seq: int) -> None:
         self._checks -= 1
         try:
-            self._use_report(stick, report)
+            self._use_report(stick, report, seq)
         finally:
             self._maybe_settled()
 
-    def _use_report(self, stick: StickInfo, report: Any) -> None:
+    def _use_report(self, stick: StickInfo, report: Any, seq: int) -> None:
         if not isinstance(report, StickReport):  # the worker raised: report it as a refusal
             report = StickReport(None, f"checking the stick failed: {report}")
             self.audit(None, A.BUNDLE_REJECTED, report.message, serial=stick.key,
@@ -243,7 +255,7 @@ class Daemon:
                        signer=report.signer, result="rejected", reason=report.reason.value)
             self._stick_failed(stick.key)
             return
-        accepted = [self._verdict(stick, report, verdict) for verdict in report.verdicts]
+        accepted = [self._verdict(stick, report, verdict, seq) for verdict in report.verdicts]
         report.wipe()  # keys moved to the key store are separate buffers by now
         if any(accepted):
             self.backoff = self.backoff.succeeded(stick.key)
@@ -252,7 +264,7 @@ class Daemon:
         if stick.devnode not in self.sticks:  # pulled while it was being read
             self.broadcast(ev.StickRemoved(stick.key))
 
-    def _verdict(self, stick: StickInfo, report: StickReport, verdict: Verdict) -> bool:
+    def _verdict(self, stick: StickInfo, report: StickReport, verdict: Verdict, seq: int) -> bool:
         entry = verdict.entry
         if entry.volume not in self.volumes:
             self.audit(entry.volume, A.BUNDLE_REJECTED, f"bundle {entry.bundle_id} is for "
@@ -269,7 +281,7 @@ class Daemon:
         self.audit(entry.volume, A.BUNDLE_ACCEPTED, verdict.message, serial=stick.key,
                    signer=report.signer, bundle_id=entry.bundle_id, result="accepted")
         self.dispatch(entry.volume, ev.KeyArrived(ref, "stick", stick.key, report.signer,
-                                                  entry.bundle_id))
+                                                  entry.bundle_id, seq=seq))
         return True
 
     def _stick_failed(self, key: str) -> None:
@@ -292,15 +304,17 @@ class Daemon:
     # -- effects ---------------------------------------------------------------------------
 
     def carry(self, volume: str, effect: ef.Effect) -> None:
-        """Carry out one effect the machine asked for."""
+        """Carry out one effect the pure core asked for."""
         vol = self.volumes[volume]
         back = lambda event: self.dispatch(volume, event)  # noqa: E731 (a result callback)
         match effect:
             case ef.StartUnlock(ref):
                 self.loop.run_in_worker(
                     lambda: workers.unlock(self.ports.engine, vol, self.keys, ref), back)
-            case ef.StartLock():
-                self.loop.run_in_worker(lambda: workers.lock(self.ports.engine, vol), back)
+            case ef.StartLock(stop_services):
+                units = [target_unit(volume), *reversed(vol.services)] if stop_services else []
+                self.loop.run_in_worker(
+                    lambda: workers.lock(self.ports.engine, vol, self.ports.units, units), back)
             case ef.AskPassphrase(timeout):
                 self.loop.run_in_background(
                     lambda: workers.ask(self.ports.asker, self.keys, volume, timeout), back)
@@ -314,17 +328,12 @@ class Daemon:
                     self.loop.cancel(handle)
             case ef.StartServices():
                 self._units(volume, "start", [*vol.services, target_unit(volume)])
-            case ef.StopServices():
-                self._units(volume, "stop", [target_unit(volume), *reversed(vol.services)])
             case ef.KeyFailed(serial):
                 self._stick_failed(serial)
             case ef.Audit():
                 self.audit(volume, effect.event, effect.message, result=effect.result,
                            reason=effect.reason, serial=effect.serial, signer=effect.signer,
                            bundle_id=effect.bundle_id, seconds=effect.seconds)
-            case ef.EmitSignal(state, detail):
-                self.details[volume] = detail
-                self.ports.announcer.state_changed(volume, state, detail)
 
     def _arm(self, volume: str, timer: ef.Timer, seconds: float) -> None:
         old = self._timers.pop((volume, timer), None)
@@ -359,22 +368,27 @@ class Daemon:
 
     def volume_info(self, volume: str) -> dict[str, str]:
         """The daemon's view of one volume (D-Bus GetVolume)."""
-        state = self.states[volume]
+        facts = self.facts[volume]
         policy = self.policy(volume)
         mountpoint = next((layer.mountpoint for layer in self.volumes[volume].layers
                            if layer.kind == "mount" and layer.name == self.volumes[volume].top),
                           "")
-        return {"name": volume, "state": state.name, "detail": self.details[volume],
+        return {"name": volume, "state": state_name(facts), "detail": detail(facts, policy),
                 "mountpoint": mountpoint, "dependents": policy.dependents,
-                "key_timed_out": str(getattr(state, "timed_out", False)).lower(),
+                "key_timed_out": str(facts.key_timed_out).lower(),
                 "lock_on_removal": str(policy.lock_on_removal).lower()}
 
     def request_unlock(self, volume: str, secret: SecretBytes, by: str | None = None) -> str:
         """Use a key given over D-Bus; returns the state right after (usually unlocking)."""
-        self.dispatch(volume, ev.KeyArrived(self.keys.put(secret), "dbus", by=by))
-        return self.states[volume].name
+        self.dispatch(volume, ev.KeyArrived(self.keys.put(secret), "dbus", by=by, seq=self._next()))
+        return self.state(volume)
 
     def request_lock(self, volume: str, by: str) -> str:
         """Lock on request; returns the state right after (usually locking)."""
-        self.dispatch(volume, ev.LockRequested(by))
-        return self.states[volume].name
+        self.dispatch(volume, ev.LockRequested(by, self._next()))
+        return self.state(volume)
+
+    def _next(self) -> int:
+        """The order of sticks going in and requests coming: the newest action wins."""
+        self._seq += 1
+        return self._seq

@@ -139,8 +139,7 @@ class ManagerService:
 
     def ListVolumes(self) -> list[tuple[str, str, str]]:
         """(name, state, detail) of every configured volume."""
-        return [(name, state.name, self.daemon.details[name])
-                for name, state in self.daemon.states.items()]
+        return [(name, *self.daemon.shown[name]) for name in self.daemon.volumes]
 
     def GetVolume(self, volume: str) -> dict[str, str]:
         """The daemon's view of one volume."""

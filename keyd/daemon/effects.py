@@ -1,4 +1,4 @@
-"""What the state machine asks the world to do: plain data, carried out by the daemon's actions."""
+"""What the pure core (keyd.daemon.reconcile) asks the world to do: plain data, carried out by the daemon."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ class StartUnlock:
 
 @dataclass(frozen=True)
 class StartLock:
-    """Close the volume's stack (in a worker)."""
+    """Close the volume's stack (in a worker); first stop its services, waiting for them."""
+
+    stop_services: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,6 @@ class StartServices:
 
 
 @dataclass(frozen=True)
-class StopServices:
-    """Stop ``keyd-unlocked@VOLUME.target`` and the volume's configured units."""
-
-
-@dataclass(frozen=True)
 class AskPassphrase:
     """Ask for the volume's passphrase through systemd-ask-password (in a worker)."""
 
@@ -89,13 +86,5 @@ class Audit:
     seconds: float | None = None
 
 
-@dataclass(frozen=True)
-class EmitSignal:
-    """Tell D-Bus listeners the volume's state changed (``detail`` may be a warning)."""
-
-    state: str
-    detail: str = ""
-
-
 Effect = (StartUnlock | StartLock | DiscardKey | ArmTimer | CancelTimer | StartServices
-          | StopServices | AskPassphrase | KeyFailed | Audit | EmitSignal)
+          | AskPassphrase | KeyFailed | Audit)

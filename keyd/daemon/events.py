@@ -1,4 +1,4 @@
-"""What can happen to a volume: the closed set of events the state machine consumes.
+"""What can happen to a volume: the closed set of events that update its facts.
 
 Events are plain frozen data. Key material never travels in an event: an
 accepted key is represented by ``ref``, a handle into the daemon's
@@ -32,6 +32,7 @@ class KeyArrived:
     signer: str | None = None
     bundle_id: str | None = None
     by: str | None = None  # who handed it in (D-Bus: "D-Bus request by uid N"), for the audit
+    seq: int = 0  # when the stick went in / the request came (the daemon's own counter)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class LockRequested:
     """Someone (D-Bus, keydctl) asked for the volume to be locked."""
 
     by: str = "request"
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,10 +107,11 @@ class LockBusy:
 
 @dataclass(frozen=True)
 class LockFailed:
-    """The lock failed for another reason."""
+    """The lock failed for another reason; ``kernel`` is what is open after it (observed)."""
 
     reason: str
     message: str = ""
+    kernel: ObservedKind = "unlocked"
 
 
 @dataclass(frozen=True)

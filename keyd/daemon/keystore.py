@@ -1,6 +1,6 @@
 """Accepted keys, held in memory between verification and use, behind opaque handles.
 
-The state machine and D-Bus only ever see the handle (``ref``); the bytes stay
+The daemon's facts and D-Bus only ever see the handle (``ref``); the bytes stay
 in a :class:`~keyd.trust.secret.SecretBytes` that is wiped when the handle is
 discarded (and all of them when the daemon stops).
 """

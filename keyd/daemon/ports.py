@@ -66,6 +66,10 @@ class UnitManager(Protocol):
         """Queue a stop job for ``unit`` (raise KeydError on refusal)."""
         ...
 
+    def wait_stopped(self, unit: str, timeout: float) -> bool:
+        """Wait until ``unit`` is no longer active or stopping (runs in a worker); False on timeout."""
+        ...
+
 
 class StickChecker(Protocol):
     """Mounts a stick safely, reads and verifies its bundle (runs in a worker)."""

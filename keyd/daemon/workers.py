@@ -1,25 +1,37 @@
-"""The blocking work the daemon hands to worker threads, each turned into a machine event.
+"""The blocking work the daemon hands to worker threads, each turned into an event.
 
 Each function catches everything (a worker must always report back) and maps
-keyd's error tree onto the machine's few failure kinds. Messages use
-:func:`keyd.errors.user_message`, which never contains key bytes.
+keyd's error tree onto the few failure kinds the daemon's facts know. Messages
+use :func:`keyd.errors.user_message`, which never contains key bytes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 from keyd.config.model import CryptLayer, Volume
 from keyd.daemon import events as ev
 from keyd.daemon.keystore import KeyStore
-from keyd.daemon.ports import PassphraseAsker, VolumeEngine
-from keyd.engine.errors import DegradedRefused, KeyRejected, StorageError, VolumeBusy, VolumeLocked
+from keyd.daemon.ports import PassphraseAsker, UnitManager, VolumeEngine
+from keyd.engine.errors import (
+    DegradedRefused,
+    DevicesMissing,
+    KeyRejected,
+    StorageError,
+    VolumeBusy,
+    VolumeLocked,
+)
 from keyd.engine.keys import MappingKeys
+from keyd.engine.status import VolumeReport
 from keyd.errors import KeydError, ProgramError, user_message
 from keyd.trust.errors import TrustError
 
 log = logging.getLogger("keyd.daemon")
+
+# How long a lock waits for the volume's services to stop (systemd's DefaultTimeoutStopSec).
+SERVICE_STOP_WAIT = 90.0
 
 
 def reason_code(error: BaseException) -> str:
@@ -35,13 +47,15 @@ def reason_code(error: BaseException) -> str:
     return "INTERNAL_ERROR"
 
 
-def device_missing(error: StorageError) -> bool:
-    """True when the stack cannot open because a configured device is not there (yet).
+def observed_kind(report: VolumeReport) -> ev.ObservedKind:
+    """What is open of a volume, as far as keyd is concerned.
 
-    The engine says so only in its message ("device ... is not present"); a dedicated
-    error class in keyd.engine would be sturdier.
+    Only layers keyd opened count towards a half-open stack (a crash to roll back): an
+    array that udev's incremental assembly started at boot is simply there.
     """
-    return "is not present" in error.message
+    if report.state.startswith("unlocked"):
+        return "unlocked"
+    return "partial" if any(layer.open and layer.owned for layer in report.layers) else "locked"
 
 
 def key_names(volume: Volume) -> list[str]:
@@ -57,11 +71,11 @@ def unlock(engine: VolumeEngine, volume: Volume, store: KeyStore, ref: str) -> e
         secret = store.get(ref).secret
         keys = MappingKeys({name: secret.buffer for name in key_names(volume)})
         outcome = engine.unlock(volume, keys)
+    except DevicesMissing as exc:  # disks still appearing at boot: wait for them like members
+        return ev.UnlockFailed("members", "DEVICE_MISSING", user_message(exc))
     except DegradedRefused as exc:
         return ev.UnlockFailed("members", reason_code(exc), user_message(exc))
     except StorageError as exc:
-        if device_missing(exc):  # disks still appearing at boot: wait for them like members
-            return ev.UnlockFailed("members", "DEVICE_MISSING", user_message(exc))
         return ev.UnlockFailed("error", reason_code(exc), user_message(exc))
     except KeyRejected as exc:
         return ev.UnlockFailed("key", reason_code(exc), user_message(exc))
@@ -72,10 +86,16 @@ def unlock(engine: VolumeEngine, volume: Volume, store: KeyStore, ref: str) -> e
     return ev.UnlockSucceeded(time.monotonic() - started, outcome.changed, outcome.degraded)
 
 
-def lock(engine: VolumeEngine, volume: Volume) -> ev.Event:
-    """Close ``volume``; busy is its own event (nothing is ever killed)."""
+def lock(engine: VolumeEngine, volume: Volume, units: UnitManager,
+         services: Sequence[str] = ()) -> ev.Event:
+    """Stop ``services`` and wait for them, then close ``volume``; busy is its own event.
+
+    Nothing is ever killed. After any other failure the kernel is read again, so the
+    daemon knows what is still open.
+    """
     started = time.monotonic()
     try:
+        stop_services(units, services)
         engine.lock(volume)
     except VolumeBusy as exc:
         holders = ", ".join(str(h) for h in exc.holders[:5]) or "; ".join(exc.reasons[:3])
@@ -83,8 +103,29 @@ def lock(engine: VolumeEngine, volume: Volume) -> ev.Event:
     except Exception as exc:  # a worker must always report back
         if not isinstance(exc, KeydError):
             log.exception("lock of %s failed unexpectedly", volume.name)
-        return ev.LockFailed(reason_code(exc), user_message(exc))
+        return ev.LockFailed(reason_code(exc), user_message(exc), _still_open(engine, volume))
     return ev.LockSucceeded(time.monotonic() - started)
+
+
+def stop_services(units: UnitManager, services: Sequence[str]) -> None:
+    """Stop each unit and wait until it is down: the unmount must not race its last writes."""
+    deadline = time.monotonic() + SERVICE_STOP_WAIT
+    for unit in services:
+        try:
+            units.stop(unit)
+        except KeydError as exc:  # unknown or masked: nothing of it runs on the volume
+            log.warning("cannot stop %s: %s", unit, user_message(exc))
+            continue
+        if not units.wait_stopped(unit, max(deadline - time.monotonic(), 0.0)):
+            log.warning("%s is still stopping after %.0f s; locking anyway", unit,
+                        SERVICE_STOP_WAIT)
+
+
+def _still_open(engine: VolumeEngine, volume: Volume) -> ev.ObservedKind:
+    try:
+        return observed_kind(engine.status([volume])[0])
+    except Exception:  # cannot tell: assume something is open, so a lock is retried
+        return "partial"
 
 
 def ask(asker: PassphraseAsker, store: KeyStore, volume: str, timeout: float) -> ev.Event:

@@ -18,6 +18,14 @@ class DegradedRefused(StorageError):
     """A RAID layer lacks members and its degraded policy forbids starting it."""
 
 
+class DevicesMissing(StorageError):
+    """A configured device or every member of an array is not there (yet): a wait, not a fault.
+
+    At boot, disks often appear after the key stick; the daemon retries when block devices
+    appear instead of giving up.
+    """
+
+
 class KeyRejected(KeydError):
     """The key did not open the layer (wrong key, wrong parameters, or too short)."""
 

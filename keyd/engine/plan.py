@@ -21,7 +21,7 @@ from keyd.config.model import (
     ZfsLayer,
 )
 from keyd.engine.assess import LayerStatus, assess, image_path
-from keyd.engine.errors import DegradedRefused, StorageError
+from keyd.engine.errors import DegradedRefused, DevicesMissing, StorageError
 from keyd.engine.names import dm_name, md_name
 from keyd.engine.observed import MdArray, ObservedState
 
@@ -226,8 +226,9 @@ def plan_unlock(volume: Volume, observed: ObservedState,
         if layer.name in skipped:
             continue
         if status.problem is not None:
-            raise StorageError(f"cannot unlock volume {volume.name}: layer {layer.name}: "
-                               f"{status.problem}", fix=status.fix)
+            error = DevicesMissing if status.missing else StorageError
+            raise error(f"cannot unlock volume {volume.name}: layer {layer.name}: "
+                        f"{status.problem}", fix=status.fix)
         if status.open and status.device is not None:
             devices[layer.name] = status.device
             continue
@@ -308,7 +309,7 @@ def _raid_steps(volume: Volume, layer: RaidLayer, status: LayerStatus,
     array = observed.md_with_uuid(layer.uuid)
     present, expected, devices = _members(layer, observed, array)
     if present == 0:
-        raise StorageError(f"cannot unlock volume {volume.name}: no member of raid layer "
+        raise DevicesMissing(f"cannot unlock volume {volume.name}: no member of raid layer "
                            f"{layer.name} (md UUID {layer.uuid}) was found",
                            fix="connect the disks; `mdadm --examine --scan` lists what is found")
     missing = expected > present

@@ -18,7 +18,7 @@ from keyd.config.model import DaemonSettings, VolumePolicy
 from keyd.daemon.core import Daemon, DaemonPorts
 from keyd.daemon.uevents import StickInfo
 from keyd.engine.assess import LayerStatus
-from keyd.engine.errors import Holder, KeyRejected, VolumeBusy
+from keyd.engine.errors import DevicesMissing, Holder, KeyRejected, VolumeBusy
 from keyd.engine.executor import KeySource
 from keyd.engine.service import Outcome
 from keyd.engine.status import VolumeReport
@@ -111,7 +111,12 @@ class FakeLoop:
 
 @dataclass
 class FakeEngine:
-    """Volumes open when given GOOD_KEY; scripted failures by volume."""
+    """Volumes open when given GOOD_KEY; scripted failures by volume.
+
+    ``absent``: volumes whose disks are not there (unlock: DevicesMissing); ``held``: volumes
+    a process keeps busy (lock: VolumeBusy) until the test lets go; ``changes`` records each
+    real open and close, for checking the audit against the kernel.
+    """
 
     open: set[str] = field(default_factory=set)
     partial: set[str] = field(default_factory=set)
@@ -119,26 +124,35 @@ class FakeEngine:
     unlock_errors: list[KeydError] = field(default_factory=list)
     keys_seen: list[bytes] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    absent: set[str] = field(default_factory=set)
+    held: set[str] = field(default_factory=set)
+    changes: list[tuple[str, str]] = field(default_factory=list)
 
     def unlock(self, volume: Volume, keys: KeySource, *, start_services: bool = False) -> Outcome:
         """Open if the key is GOOD_KEY (or fail with the next scripted error)."""
         self.calls.append(f"unlock {volume.name}")
         if self.unlock_errors:
             raise self.unlock_errors.pop(0)
+        changed = volume.name not in self.open
+        if changed and volume.name in self.absent:
+            raise DevicesMissing(f"cannot unlock volume {volume.name}: device is not present")
         layer = next(layer for layer in volume.layers if layer.kind == "crypt")
         key = keys.key(volume.name, layer.key, layer)
         self.keys_seen.append(bytes(key))
-        if bytes(key) != GOOD_KEY:
+        if changed and bytes(key) != GOOD_KEY:
             raise KeyRejected(f"wrong key for volume {volume.name}")
-        changed = volume.name not in self.open
+        if changed:
+            self.changes.append(("open", volume.name))
         self.open.add(volume.name)
         return Outcome(volume.name, changed)
 
     def lock(self, volume: Volume, *, force: bool = False) -> Outcome:
-        """Close, unless the next scripted busy flag says busy."""
+        """Close, unless the next scripted busy flag (or a holder) says busy."""
         self.calls.append(f"lock {volume.name}")
-        if self.busy and self.busy.pop(0):
+        if (self.busy and self.busy.pop(0)) or volume.name in self.held:
             raise VolumeBusy(volume.name, [Holder(42, "bash", "cwd in", "/srv/tank")])
+        if volume.name in self.open | self.partial:
+            self.changes.append(("close", volume.name))
         self.open.discard(volume.name)
         self.partial.discard(volume.name)
         return Outcome(volume.name, True)
@@ -151,7 +165,7 @@ class FakeEngine:
 
     def _report(self, volume: Volume) -> VolumeReport:
         name = volume.name
-        bottom = LayerStatus("crypt0", "crypt", open=name in self.open | self.partial)
+        bottom = LayerStatus("crypt0", "crypt", open=name in self.open | self.partial, owned=True)
         top = LayerStatus("data", "mount", open=name in self.open,
                           problem="device missing" if name in self.conflict else None)
         state = ("unlocked" if name in self.open else "partial" if name in self.partial
@@ -173,6 +187,10 @@ class FakeUnits:
     def stop(self, unit: str) -> None:
         """Record a stop."""
         self._call("stop", unit)
+
+    def wait_stopped(self, unit: str, timeout: float) -> bool:
+        """Stopped at once (the fake has no slow services)."""
+        return True
 
     def _call(self, verb: str, unit: str) -> None:
         self.calls.append(f"{verb} {unit}")
@@ -259,7 +277,7 @@ class Harness:
 
     def state(self, volume: str) -> str:
         """The volume's state name."""
-        return self.daemon.states[volume].name
+        return self.daemon.state(volume)
 
     def events(self) -> list[str]:
         """The audit event names so far."""

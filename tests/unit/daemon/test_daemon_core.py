@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from keyd.daemon.uevents import MemberAdded, StickAdded, StickGone, StickInfo
-from keyd.engine.errors import DegradedRefused, StorageError
+from keyd.engine.errors import DegradedRefused, DevicesMissing, StorageError
 from keyd.trust.errors import Reason
 from keyd.trust.secret import SecretBytes
 from tests.support.daemon_fakes import GOOD_KEY, STICK, FakeLoop, accepted, harness, rejected
@@ -267,7 +267,7 @@ def test_ready_is_immediate_without_sticks() -> None:
 
 def test_a_device_not_present_yet_waits_like_missing_members() -> None:
     h = harness()
-    h.engine.unlock_errors.append(StorageError(
+    h.engine.unlock_errors.append(DevicesMissing(
         "cannot unlock volume tank: layer crypt0: device /dev/sdb is not present"))
     h.sticks.reports.append(accepted("tank"))
     h.daemon.start([STICK])
