@@ -7,6 +7,7 @@ a memfd passed as a UnixFD, never in the message body.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -96,12 +97,14 @@ def translate_error(error: Exception, method: str = "") -> KeydError:
 
 
 def _memfd_with(key: bytes | bytearray) -> int:
-    fd = os.memfd_create("keyd-key", os.MFD_CLOEXEC)
+    """A memfd holding ``key``, sealed so that it cannot change while keyd reads it."""
+    fd = os.memfd_create("keyd-key", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         view = memoryview(key)
         while view:
             view = view[os.write(fd, view):]
-        os.lseek(fd, 0, os.SEEK_SET)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK
+                    | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
     except BaseException:
         os.close(fd)
         raise

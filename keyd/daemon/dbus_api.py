@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import grp
 import logging
-import os
 import pwd
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ from pydbus.generic import signal
 
 from keyd.audit.ids import AuditEvent
 from keyd.daemon.bus_names import API_VERSION, BUS_NAME, INTERFACE, OBJECT_PATH
-from keyd.engine.keys import MAX_KEY_BYTES
+from keyd.daemon.key_fd import BadKeyFd, read_key_fd
 from keyd.errors import KeydError
 from keyd.trust.secret import SecretBytes
 
@@ -74,7 +73,7 @@ class NoSuchVolume(KeydError):
 
 
 class BadRequest(KeydError):
-    """The request cannot be served (e.g. no key in the file descriptor)."""
+    """The request cannot be served (no file descriptor, or one that cannot carry a key)."""
 
 
 # pydbus sends an exception's class name as the D-Bus error name.
@@ -101,25 +100,6 @@ def unix_groups(uid: int) -> set[str]:
     with contextlib.suppress(KeyError):
         names.add(grp.getgrgid(user.pw_gid).gr_name)
     return names
-
-
-def read_key_fd(fd: int) -> SecretBytes:
-    """Read a key (at most MAX_KEY_BYTES) from a file descriptor passed over D-Bus, then close it."""
-    buffer = bytearray()
-    try:
-        while len(buffer) <= MAX_KEY_BYTES:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            buffer += chunk
-    finally:
-        os.close(fd)
-    if not buffer or len(buffer) > MAX_KEY_BYTES:
-        size = len(buffer)
-        buffer[:] = bytes(size)
-        raise BadRequest(f"the key file descriptor held {size} bytes",
-                         fix=f"pass a readable fd with 1..{MAX_KEY_BYTES} bytes of key")
-    return SecretBytes.adopt(buffer)
 
 
 class ManagerService:
@@ -153,8 +133,11 @@ class ManagerService:
         if fd_list is None or key_fd >= fd_list.get_length():
             raise BadRequest("no file descriptor came with the call",
                              fix="pass the key as a UnixFD (type h) with the call")
-        return self.daemon.request_unlock(volume, read_key_fd(fd_list.get(key_fd)),
-                                          f"D-Bus request by uid {uid}")
+        try:
+            key = read_key_fd(fd_list.get(key_fd))
+        except BadKeyFd as exc:
+            raise BadRequest(exc.message, fix=exc.fix) from None
+        return self.daemon.request_unlock(volume, key, f"D-Bus request by uid {uid}")
 
     def UnlockWithPassphrase(self, volume: str, passphrase: str,
                              dbus_context: Any = None) -> str:
