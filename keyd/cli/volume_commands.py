@@ -242,6 +242,7 @@ def _doctor(args: argparse.Namespace) -> int:
     findings += doctor.check_modules(env.runner, doctor.needed_modules(config), env.root)
     findings += doctor.check_hashes(env.runner, config)
     findings += doctor.check_devices(config, env.observer.observe(config.volumes))
+    findings += doctor.check_last_resort(config, env.root)
     findings.append(doctor.check_run_dir(args.run_dir))
     print(doctor.render(findings), end="", file=env.stdout)
     return 1 if any(f.status == "fail" for f in findings) else 0

@@ -4,7 +4,8 @@ Checks: the programs the configuration needs (with their versions), the
 kernel modules (``modprobe -n -v``: loadable, loaded or built in; ``zfs`` and
 zpool/zfs only when a zfs layer is configured, with how to install OpenZFS), the plain-mode
 hashes cryptsetup can compute, the configured devices (present, sector size),
-RAID members found on disk, and the run directory.
+RAID members found on disk, Debian's mdadm-last-resort@.timer against a raid layer's
+``degraded = "never"``, and the run directory.
 """
 
 from __future__ import annotations
@@ -186,6 +187,31 @@ def _path_finding(volume: str, layer: str, path: str, observed: ObservedState) -
     size = observed.sector_sizes.get(kname)
     sector = f", {size}-byte sectors" if size else ""
     return Finding("ok", "device", f"{volume}/{layer}: {path} -> /dev/{kname}{sector}")
+
+
+LAST_RESORT = "mdadm-last-resort@.timer"
+
+
+def check_last_resort(config: Config, root: Path) -> list[Finding]:
+    """Debian's mdadm starts an incomplete array degraded after 30 s, whatever keyd's policy.
+
+    Only relevant when a raid layer says ``degraded = "never"``; masked means the timer's
+    unit path under /etc/systemd/system points to /dev/null.
+    """
+    strict = [f"{v.name}/{layer.name}" for v in config.volumes for layer in v.layers
+              if isinstance(layer, RaidLayer) and layer.degraded.mode == "never"]
+    shipped = any((root / d / LAST_RESORT).exists() for d in ("lib/systemd/system",
+                                                             "usr/lib/systemd/system"))
+    if not strict or not shipped:
+        return []
+    masked = (root / "etc/systemd/system" / LAST_RESORT).resolve() == Path("/dev/null")
+    if masked:
+        return [Finding("ok", "degraded", f"{LAST_RESORT} is masked: {', '.join(strict)} "
+                                          "are never started degraded behind keyd's back")]
+    return [Finding("warn", "degraded", f"{', '.join(strict)} say degraded = \"never\", but "
+                                        f"Debian's {LAST_RESORT} starts an incomplete array "
+                                        "degraded after 30 s (keyd then refuses to use it)",
+                    f"systemctl mask {LAST_RESORT}")]
 
 
 def check_run_dir(run_dir: str) -> Finding:

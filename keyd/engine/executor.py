@@ -234,6 +234,7 @@ class Executor:
         reasons = [f"{m.source} is mounted at {m.mountpoint}, inside {point}"
                    for point in sorted(unmounting) for m in observed.mounts_below(point)
                    if m.mountpoint not in unmounting]
+        reasons += _other_mounts(unmounting, observed)
         targets = dict(pair for step in plan.steps for pair in _targets(step, observed))
         found = self.holders.holders(list(targets))
         # A FUSE driver (ntfs-3g) holds its device until its mount goes; that is not "busy".
@@ -302,3 +303,21 @@ def pool_mountpoints(pool: str, observed: ObservedState) -> list[str]:
     """Where the datasets of ``pool`` are mounted (``zpool export`` unmounts them all)."""
     return [m.mountpoint for m in observed.mounts
             if m.fstype == "zfs" and (m.source == pool or m.source.startswith(pool + "/"))]
+
+
+def _other_mounts(unmounting: set[str], observed: ObservedState) -> list[str]:
+    """The same file system mounted elsewhere too (a bind mount, a container's volume).
+
+    Unmounting one place would succeed and leave the file system in use through the
+    other, so the device under it could not be closed: the volume would be half locked.
+    """
+    reasons = []
+    for point in sorted(unmounting):
+        entry = observed.mount_at(point)
+        if entry is None:
+            continue
+        reasons += [f"{entry.source} is also mounted at {m.mountpoint} (a bind mount)"
+                    for m in observed.mounts if m.devno == entry.devno
+                    and m.mountpoint not in unmounting and not m.mountpoint.startswith(
+                        tuple(p.rstrip("/") + "/" for p in unmounting))]
+    return reasons

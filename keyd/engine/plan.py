@@ -230,10 +230,23 @@ def plan_unlock(volume: Volume, observed: ObservedState,
             raise error(f"cannot unlock volume {volume.name}: layer {layer.name}: "
                         f"{status.problem}", fix=status.fix)
         if status.open and status.device is not None:
+            _check_running_degraded(volume, layer, status)
             devices[layer.name] = status.device
             continue
         steps.extend(_open_steps(volume, layer, status, observed, skipped))
     return Plan(volume.name, tuple(steps), devices)
+
+
+def _check_running_degraded(volume: Volume, layer: Layer, status: LayerStatus) -> None:
+    """An array someone else started degraded (udev, Debian's mdadm-last-resort@.timer)."""
+    if (isinstance(layer, RaidLayer) and status.degraded and not status.owned
+            and layer.degraded.mode == "never"):
+        raise DegradedRefused(
+            f"cannot unlock volume {volume.name}: raid layer {layer.name} is already running "
+            f"degraded ({status.detail}), started outside keyd, and its degraded policy is never",
+            fix="re-add the missing member (mdadm --manage DEVICE --re-add MEMBER) or stop the "
+                "array; `systemctl mask mdadm-last-resort@.timer` keeps Debian from starting "
+                "arrays degraded")
 
 
 def vdev_keys(volume: Volume) -> set[str]:

@@ -318,3 +318,17 @@ def test_fuse_driver_holding_its_own_device_does_not_block_the_lock() -> None:
     with pytest.raises(VolumeBusy, match=r"88 \(dd\)") as info:
         executor(kernel).lock(volume(), LOCK, state)
     assert "77" not in str(info.value)
+
+
+def test_a_bind_mount_of_the_volume_elsewhere_blocks_the_lock_and_is_named() -> None:
+    # Unmounting /srv/tank alone would leave the file system in use at /exports/tank, and
+    # cryptsetup close would then fail with the volume half locked.
+    own = MountEntry(50, 40, "253:3", "/", "/srv/tank", "xfs", "/dev/mapper/keyd-tank-crypt0")
+    bind = MountEntry(61, 40, "253:3", "/shares", "/exports/tank", "xfs",
+                      "/dev/mapper/keyd-tank-crypt0")
+    kernel = FakeKernel()
+    with pytest.raises(VolumeBusy, match="also mounted at /exports/tank"):
+        executor(kernel).lock(volume(), LOCK, ObservedState(mounts=(own, bind)))
+    assert [e for e in kernel.events if not e.startswith("holders")] == []
+    executor(kernel).lock(volume(), LOCK, ObservedState(mounts=(own,)))
+    assert "umount /srv/tank" in kernel.events

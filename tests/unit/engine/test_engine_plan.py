@@ -6,7 +6,7 @@ import pytest
 
 from keyd.config import Volume, parse_config
 from keyd.engine.assess import assess
-from keyd.engine.errors import DegradedRefused, StorageError
+from keyd.engine.errors import DegradedRefused, DevicesMissing, StorageError
 from keyd.engine.observed import (
     DmMapping,
     LoopDevice,
@@ -114,8 +114,23 @@ def test_degraded_policy_never_refuses_before_touching_anything() -> None:
 
 
 def test_no_members_found_is_a_clear_error() -> None:
-    with pytest.raises(StorageError, match="no member of raid layer md0"):
+    with pytest.raises(DevicesMissing, match="no member of raid layer md0"):
         plan_unlock(seed001("always"), observed())
+
+
+@pytest.mark.parametrize(("policy", "refused"), [("never", True), ("always", False)])
+def test_an_array_started_degraded_outside_keyd_follows_the_policy(policy: str,
+                                                                    refused: bool) -> None:
+    # udev's incremental assembly, or Debian's mdadm-last-resort@.timer, started it with 2 of 3.
+    running = MdArray("md0", UUID, "/dev/md/host:0", "clean", "raid5", 3, 1,
+                      members=("sdb", "sdc"))
+    if refused:
+        with pytest.raises(DegradedRefused, match="already running degraded") as info:
+            plan_unlock(seed001(policy), observed(md=(running,)))
+        assert "mdadm-last-resort@.timer" in str(info.value.fix)
+    else:
+        assert kinds(plan_unlock(seed001(policy), observed(md=(running,))).steps) == \
+            ["OpenCrypt", "Mount"]
 
 
 def test_inactive_array_gathered_by_udev_is_stopped_and_assembled_under_keyds_name() -> None:
