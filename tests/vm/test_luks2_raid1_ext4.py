@@ -3,7 +3,7 @@
 Each test builds the stack from scratch in the guest (mdadm --create, luksFormat,
 mkfs), writes a keyd.toml over the channel, runs ``keydctl`` in the guest and
 checks the result in the kernel (/proc/mdstat, dmsetup, /proc/self/mountinfo).
-The ``Keydctl``/``Kernel`` helpers live in fixtures/stack.py.
+The ``Keydctl``/``Kernel`` helpers live in fixtures/keydctl.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from .conftest import GuestLab
-from .fixtures.stack import Kernel, Keydctl, create_array, stop_array
+from .fixtures.keydctl import Kernel, Keydctl, create_array, stop_array
 
 FAST_LUKS = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
 KEY = b"\x00\x01binary luks key\nwith a newline\xff"

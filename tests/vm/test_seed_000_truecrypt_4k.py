@@ -10,23 +10,14 @@ guest; results are read from the kernel (dmsetup, findmnt, sysfs, checksums).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .conftest import GuestLab
 from .fixtures import veracrypt
-from .fixtures.keydctl import TCPLAY, dm_names, keydctl, sha256, write_config
-from .fixtures.keydctl import findmnt as mounted
+from .fixtures.keydctl import Kernel, Keydctl, tcplay
 
 PASSPHRASE = "Raspberry NAS 2013 passphrase"
 TC_DATA_OFFSET = 131072 // 512  # TrueCrypt's data area starts 128 KiB in, in 512-byte sectors
-
-
-def status(guest: GuestLab, volume: str, config: str) -> dict[str, object]:
-    result = keydctl(guest, "status", volume, "--json", config=config)
-    assert result.rc == 0, result
-    [report] = json.loads(result.stdout)["volumes"]
-    return report  # type: ignore[no-any-return]
 
 
 def crypt_table(guest: GuestLab, name: str) -> dict[str, str]:
@@ -35,11 +26,6 @@ def crypt_table(guest: GuestLab, name: str) -> dict[str, str]:
     assert fields[2] == "crypt", fields[:3]
     return {"start": fields[0], "length": fields[1], "cipher": fields[3], "iv_offset": fields[5],
             "device": fields[6], "offset": fields[7], "options": " ".join(fields[8:])}
-
-
-def tcplay(guest: GuestLab, *args: str) -> str:
-    """Run tcplay on a pseudo-terminal in the guest, typing the passphrase."""
-    return guest.check([*TCPLAY, *args], input=PASSPHRASE + "\n", timeout=300).stdout
 
 
 TC_CONFIG = """
@@ -61,11 +47,12 @@ mountpoint = "/mnt/t/nas"
 
 def test_tcplay_volume_on_a_4k_sector_disk_unlocks_locks_and_keeps_its_data(
         guest: GuestLab) -> None:
+    kernel = Kernel(guest)
     disk = guest.disk("TC4K000", 64, sector_size=4096)
     assert guest.check(["blockdev", "--getss", disk]).stdout.strip() == "4096"
-    tcplay(guest, "-c", "-d", disk, "-z", "-w", "-a", "RIPEMD160", "-b", "AES-256-XTS")
+    tcplay(guest, PASSPHRASE, "-c", "-d", disk, "-z", "-w", "-a", "RIPEMD160", "-b", "AES-256-XTS")
     # Format and fill it through tcplay's own mapping: keyd must read what TrueCrypt tools wrote.
-    tcplay(guest, "-m", "tcsetup", "-d", disk)
+    tcplay(guest, PASSPHRASE, "-m", "tcsetup", "-d", disk)
     guest.sh("mkfs.ext4 -q -L nas /dev/mapper/tcsetup && mkdir -p /mnt/t/setup"
              " && mount /dev/mapper/tcsetup /mnt/t/setup && echo written-by-tcplay >"
              " /mnt/t/setup/origin && umount /mnt/t/setup", timeout=120)
@@ -75,22 +62,20 @@ def test_tcplay_volume_on_a_4k_sector_disk_unlocks_locks_and_keeps_its_data(
     # tcplay records the disk's 4096-byte sectors in the header; TrueCrypt's XTS data unit stays
     # 512 bytes whatever the sector size, and that is what cryptsetup maps (checked below).
     assert "Sector size:\t4096" in dump and "MK offset:\t131072" in dump, dump
-    config = write_config(guest, "seed000", TC_CONFIG.format(device=disk))
-    doctor = keydctl(guest, "doctor", config=config)
+    keyd = Keydctl(guest, "/etc/keyd/seed000.toml").write_config(TC_CONFIG.format(device=disk))
+    doctor = keyd("doctor")
     assert doctor.rc == 0, doctor
     assert f"nas/tc: {disk} -> /dev/vd" in doctor.stdout
     assert "4096-byte sectors" in doctor.stdout, doctor.stdout
-    wrong = keydctl(guest, "unlock", "nas", "--passphrase", config=config,
-                    input="not the passphrase\n")
+    wrong = keyd("unlock", "nas", "--passphrase", input="not the passphrase\n")
     assert wrong.rc == 6 and "wrong key for volume nas" in wrong.stderr, wrong
-    assert dm_names(guest) == [] and mounted(guest, "/mnt/t/nas") == ""
+    assert kernel.dm() == [] and kernel.findmnt("/mnt/t/nas") == ""
 
-    first = keydctl(guest, "unlock", "nas", "--passphrase", config=config,
-                    input=PASSPHRASE + "\n")
+    first = keyd("unlock", "nas", "--passphrase", input=PASSPHRASE + "\n")
 
     assert first.rc == 0, first
     assert "volume nas unlocked at /mnt/t/nas" in first.stdout
-    assert mounted(guest, "/mnt/t/nas") == "/dev/mapper/keyd-nas-tc ext4"
+    assert kernel.findmnt("/mnt/t/nas") == "/dev/mapper/keyd-nas-tc ext4"
     assert guest.check(["cat", "/mnt/t/nas/origin"]).stdout == "written-by-tcplay\n"
     uuid = guest.check(["dmsetup", "info", "-c", "--noheadings", "-o", "uuid",
                         "keyd-nas-tc"]).stdout.strip()
@@ -104,28 +89,26 @@ def test_tcplay_volume_on_a_4k_sector_disk_unlocks_locks_and_keeps_its_data(
     assert int(table["offset"]) % 8 == 0 and int(table["length"]) % 8 == 0
     assert int(table["length"]) * 512 == (64 << 20) - 2 * 131072  # minus both header areas
     assert guest.check(["blockdev", "--getss", "/dev/mapper/keyd-nas-tc"]).stdout.strip() == "4096"
-    report = status(guest, "nas", config)
+    report = keyd.status("nas")
     assert report["state"] == "unlocked", report
 
     guest.sh("head -c 3145728 /dev/urandom > /mnt/t/nas/blob && sync")
-    digest = sha256(guest, "/mnt/t/nas/blob")
-    again = keydctl(guest, "unlock", "nas", "--passphrase", config=config,
-                    input=PASSPHRASE + "\n")
+    digest = kernel.sha256("/mnt/t/nas/blob")
+    again = keyd("unlock", "nas", "--passphrase", input=PASSPHRASE + "\n")
     assert again.rc == 0 and "already unlocked" in again.stdout, again
 
-    locked = keydctl(guest, "lock", "nas", config=config)
+    locked = keyd("lock", "nas")
 
     assert locked.rc == 0 and "volume nas locked" in locked.stdout, locked
-    assert mounted(guest, "/mnt/t/nas") == ""
-    assert "keyd-nas-tc" not in dm_names(guest)
-    assert status(guest, "nas", config)["state"] == "locked"
+    assert kernel.findmnt("/mnt/t/nas") == ""
+    assert "keyd-nas-tc" not in kernel.dm()
+    assert keyd.status("nas")["state"] == "locked"
 
-    reopened = keydctl(guest, "unlock", "nas", "--passphrase", config=config,
-                       input=PASSPHRASE + "\n")
+    reopened = keyd("unlock", "nas", "--passphrase", input=PASSPHRASE + "\n")
     assert reopened.rc == 0, reopened
-    assert sha256(guest, "/mnt/t/nas/blob") == digest
-    assert keydctl(guest, "lock", "nas", config=config).rc == 0
-    assert dm_names(guest) == [] and mounted(guest, "/mnt/t/nas") == ""
+    assert kernel.sha256("/mnt/t/nas/blob") == digest
+    assert keyd("lock", "nas").rc == 0
+    assert kernel.dm() == [] and kernel.findmnt("/mnt/t/nas") == ""
 
 
 VC_CONFIG = """
@@ -154,18 +137,18 @@ def attach_image(guest: GuestLab, image: Path, serial: str) -> str:
 
 def test_veracrypt_volume_opens_only_with_its_pinned_prf_and_pim(
         guest: GuestLab, tmp_path: Path) -> None:
+    kernel = Kernel(guest)
     image = tmp_path / "VC000.img"
     veracrypt.write_volume(image, 64 << 20, PASSPHRASE.encode(), prf="sha512", pim=VC_PIM)
     disk = attach_image(guest, image, "VC000")
-    config = write_config(guest, "seed000vc",
-                          VC_CONFIG.format(device=disk, prf="sha512", pim=VC_PIM))
+    keyd = Keydctl(guest, "/etc/keyd/seed000vc.toml").write_config(
+        VC_CONFIG.format(device=disk, prf="sha512", pim=VC_PIM))
 
     # No filesystem yet: the mapping opens, the mount fails, and the run is rolled back.
-    bare = keydctl(guest, "unlock", "vault", "--passphrase", config=config,
-                   input=PASSPHRASE + "\n")
+    bare = keyd("unlock", "vault", "--passphrase", input=PASSPHRASE + "\n")
     assert bare.rc != 0 and "could not mount layer fs of volume vault" in bare.stderr, bare
     assert "rolled back" in bare.stderr, bare
-    assert dm_names(guest) == [] and mounted(guest, "/mnt/t/vault") == ""
+    assert kernel.dm() == [] and kernel.findmnt("/mnt/t/vault") == ""
     # What keyd ran is exactly the pinned cryptsetup call (key on stdin only).
     assert ("'cryptsetup', 'open', '--type', 'tcrypt', '--veracrypt', '--veracrypt-pim=1', "
             "'--hash', 'sha512'") in bare.stderr, bare.stderr
@@ -174,29 +157,26 @@ def test_veracrypt_volume_opens_only_with_its_pinned_prf_and_pim(
                 timeout=300)
     guest.sh("mkfs.ext4 -q /dev/mapper/vcsetup && cryptsetup close vcsetup", timeout=120)
 
-    opened = keydctl(guest, "unlock", "vault", "--passphrase", config=config,
-                     input=PASSPHRASE + "\n")
+    opened = keyd("unlock", "vault", "--passphrase", input=PASSPHRASE + "\n")
     assert opened.rc == 0, opened
-    assert mounted(guest, "/mnt/t/vault") == "/dev/mapper/keyd-vault-vc ext4"
+    assert kernel.findmnt("/mnt/t/vault") == "/dev/mapper/keyd-vault-vc ext4"
     table = crypt_table(guest, "keyd-vault-vc")
     assert table["cipher"] == "aes-xts-plain64" and table["offset"] == str(TC_DATA_OFFSET)
     guest.sh("head -c 1048576 /dev/urandom > /mnt/t/vault/blob && sync")
-    digest = sha256(guest, "/mnt/t/vault/blob")
-    assert keydctl(guest, "lock", "vault", config=config).rc == 0
-    assert dm_names(guest) == [] and mounted(guest, "/mnt/t/vault") == ""
-    reopened = keydctl(guest, "unlock", "vault", "--passphrase", config=config,
-                       input=PASSPHRASE + "\n")
+    digest = kernel.sha256("/mnt/t/vault/blob")
+    assert keyd("lock", "vault").rc == 0
+    assert kernel.dm() == [] and kernel.findmnt("/mnt/t/vault") == ""
+    reopened = keyd("unlock", "vault", "--passphrase", input=PASSPHRASE + "\n")
     assert reopened.rc == 0, reopened
-    assert sha256(guest, "/mnt/t/vault/blob") == digest
-    assert keydctl(guest, "lock", "vault", config=config).rc == 0
+    assert kernel.sha256("/mnt/t/vault/blob") == digest
+    assert keyd("lock", "vault").rc == 0
 
     # A wrong PRF pin is a rejected key: clear message, exit 6, nothing left open.
-    wrong = write_config(guest, "seed000vc-wrong",
-                         VC_CONFIG.format(device=disk, prf="sha256", pim=VC_PIM))
-    refused = keydctl(guest, "unlock", "vault", "--passphrase", config=wrong,
-                      input=PASSPHRASE + "\n")
+    wrong = Keydctl(guest, "/etc/keyd/seed000vc-wrong.toml").write_config(
+        VC_CONFIG.format(device=disk, prf="sha256", pim=VC_PIM))
+    refused = wrong("unlock", "vault", "--passphrase", input=PASSPHRASE + "\n")
     assert refused.rc == 6, refused
     assert "wrong key for volume vault" in refused.stderr, refused.stderr
     assert "hash" in refused.stderr and "pim" in refused.stderr
     assert PASSPHRASE not in refused.stderr + refused.stdout
-    assert dm_names(guest) == [] and mounted(guest, "/mnt/t/vault") == ""
+    assert kernel.dm() == [] and kernel.findmnt("/mnt/t/vault") == ""

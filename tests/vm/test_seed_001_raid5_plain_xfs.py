@@ -14,7 +14,7 @@ import secrets
 import string
 
 from .conftest import GuestLab
-from .fixtures.stack import Kernel, Keydctl, create_array, stop_array
+from .fixtures.keydctl import Kernel, Keydctl, create_array, stop_array
 
 SERIALS = ("SEED001A", "SEED001B", "SEED001C")
 # As the seed made it: `tr -cd '[:alnum:]' < /dev/urandom | head -c32 > passphrase`.

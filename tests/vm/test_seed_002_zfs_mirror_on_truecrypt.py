@@ -18,8 +18,7 @@ from keyd.runner import SubprocessRunner
 from keyd_lab.media import StickSpec, build_stick
 
 from .conftest import GuestLab
-from .fixtures.keydctl import TCPLAY, dm_names
-from .fixtures.stack import RUN_DIR, Kernel, Keydctl
+from .fixtures.keydctl import RUN_DIR, Kernel, Keydctl, tcplay
 from .fixtures.zfs import export_all, pools, vdevs
 
 POOL, POOL4K = "secretpool", "pool4k"
@@ -66,11 +65,6 @@ def zfs(guest: GuestLab) -> Iterator[GuestLab]:
     guest.check(["modprobe", "zfs"], timeout=120)
     yield guest
     export_all(guest, [POOL, POOL4K])
-
-
-def tcplay(guest: GuestLab, passphrase: str, *args: str) -> None:
-    """Run tcplay on a pseudo-terminal in the guest, typing the passphrase."""
-    guest.check([*TCPLAY, *args], input=passphrase + "\n", timeout=300)
 
 
 def make_seed_pool(guest: GuestLab) -> tuple[str, str, str]:
@@ -122,7 +116,7 @@ def test_seed002_mirror_unlocks_locks_and_degrades_by_policy(
         "/dev/mapper/tcsetup_k1, /dev/mapper/tcsetup_k2" in pool_layer["problem"], pool_layer
     foreign = never("unlock", "secret", "--key-file", "/dev/null")
     assert foreign.rc == 1 and "which keyd did not create" in foreign.stderr, foreign
-    assert sorted(dm_names(guest)) == ["tcsetup_k1", "tcsetup_k2"]
+    assert kernel.dm() == ["tcsetup_k1", "tcsetup_k2"]
     close_setup(guest)
     plug_key_stick(guest, tmp_path)
 
@@ -154,14 +148,14 @@ def test_seed002_mirror_unlocks_locks_and_degrades_by_policy(
     guest.sh(f"while kill -0 {pid} 2>/dev/null; do sleep 0.2; done")
     locked = never("lock", "secret")
     assert locked.rc == 0 and "volume secret locked" in locked.stdout, locked
-    assert pools(guest) == {} and dm_names(guest) == []
+    assert pools(guest) == {} and kernel.dm() == []
     assert guest.run(["test", "-e", f"{RUN_DIR}/zfs/secret.pool"]).rc == 1
 
     # One key only: "never" refuses before anything is opened.
     refused = never("unlock", "secret", *key_args("k1"))
     assert refused.rc == 1 and "degraded policy is never" in refused.stderr, refused
     assert "no key 'k2' was given" in refused.stderr
-    assert pools(guest) == {} and dm_names(guest) == []
+    assert pools(guest) == {} and kernel.dm() == []
 
     # "always": the mirror comes up DEGRADED from one side, says so, and serves the data.
     always = Keydctl(guest, "/etc/keyd/seed002-always.toml").write_config(
@@ -170,13 +164,13 @@ def test_seed002_mirror_unlocks_locks_and_degrades_by_policy(
     assert degraded.rc == 0, degraded
     assert "warning: zfs pool secretpool" in degraded.stderr and "DEGRADED (without tc2)" in \
         degraded.stderr, degraded.stderr
-    assert pools(guest) == {POOL: "DEGRADED"} and dm_names(guest) == ["keyd-secret-tc1"]
+    assert pools(guest) == {POOL: "DEGRADED"} and kernel.dm() == ["keyd-secret-tc1"]
     report = always.status("secret")
     assert report["state"] == "unlocked (degraded)", report
     assert report["by_name"]["pool"]["pool"]["health"] == "DEGRADED"
     assert kernel.checksums(f"/mnt/t/{POOL}/data") == sums
     assert always.ok("lock", "secret").rc == 0
-    assert pools(guest) == {} and dm_names(guest) == []
+    assert pools(guest) == {} and kernel.dm() == []
 
     # Both keys again: ZFS resilvers the side that missed nothing; the pool is whole.
     assert never.ok("unlock", "secret", *key_args("k1", "k2")).rc == 0
@@ -184,7 +178,7 @@ def test_seed002_mirror_unlocks_locks_and_degrades_by_policy(
     assert pools(guest) == {POOL: "ONLINE"}
     assert kernel.checksums(f"/mnt/t/{POOL}/data") == sums
     assert never.ok("lock", "secret").rc == 0
-    assert pools(guest) == {} and dm_names(guest) == []
+    assert pools(guest) == {} and kernel.dm() == []
 
 
 def test_pool_on_luks_on_a_4k_sector_disk_keeps_ashift_12(zfs: GuestLab) -> None:
@@ -213,4 +207,4 @@ def test_pool_on_luks_on_a_4k_sector_disk_keeps_ashift_12(zfs: GuestLab) -> None
     assert vdevs(guest, POOL4K) == ["/dev/mapper/keyd-p4k-luks"]
     assert kernel.checksums(f"/mnt/t/{POOL4K}") == sums
     assert keydctl.ok("lock", "p4k").rc == 0
-    assert pools(guest) == {} and dm_names(guest) == []
+    assert pools(guest) == {} and kernel.dm() == []

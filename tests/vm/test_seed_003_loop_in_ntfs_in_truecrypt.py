@@ -15,7 +15,7 @@ import json
 from keyd_lab.channel import GuestResult
 
 from .conftest import GuestLab
-from .fixtures.keydctl import TCPLAY, dm_names, findmnt, keydctl, programs_run, sha256, write_config
+from .fixtures.keydctl import Kernel, Keydctl, programs_run, tcplay
 
 PASSPHRASE = "work laptop 2013"
 NTFS, ROOT = "/mnt/t/winroot", "/mnt/t/debian"
@@ -66,22 +66,18 @@ exit 1
 """
 
 
-def unlock(guest: GuestLab, config: str) -> GuestResult:
-    result = keydctl(guest, "unlock", "work", "--passphrase", config=config,
-                     input=PASSPHRASE + "\n")
-    assert result.rc == 0, result
-    return result
+def unlock(keyd: Keydctl) -> GuestResult:
+    return keyd.ok("unlock", "work", "--passphrase", input=PASSPHRASE + "\n")
 
 
-def build_stack(guest: GuestLab) -> tuple[str, str]:
-    """A TrueCrypt disk holding NTFS holding an ext3 image; returns (disk, config path)."""
+def build_stack(guest: GuestLab) -> Keydctl:
+    """A TrueCrypt disk holding NTFS holding an ext3 image; keydctl with its config."""
     disk = guest.disk("TCNTFS003", 96)
-    guest.check([*TCPLAY, "-c", "-d", disk, "-z", "-w", "-a", "RIPEMD160", "-b", "AES-256-XTS"],
-                input=PASSPHRASE + "\n", timeout=300)
+    tcplay(guest, PASSPHRASE, "-c", "-d", disk, "-z", "-w", "-a", "RIPEMD160", "-b", "AES-256-XTS")
     guest.check(["cryptsetup", "open", "--type", "tcrypt", disk, "tcsetup"],
                 input=PASSPHRASE + "\n", timeout=300)
     guest.check(["sh", "-ec", BUILD], timeout=300)
-    return disk, write_config(guest, "seed003", CONFIG.format(device=disk))
+    return Keydctl(guest, "/etc/keyd/seed003.toml").write_config(CONFIG.format(device=disk))
 
 
 def loops(guest: GuestLab) -> dict[str, str]:
@@ -92,35 +88,30 @@ def loops(guest: GuestLab) -> dict[str, str]:
 
 
 def assert_nothing_open(guest: GuestLab) -> None:
-    assert findmnt(guest, ROOT) == "" and findmnt(guest, NTFS) == ""
-    assert loops(guest) == {} and dm_names(guest) == []
+    kernel = Kernel(guest)
+    assert kernel.findmnt(ROOT) == "" and kernel.findmnt(NTFS) == ""
+    assert loops(guest) == {} and kernel.dm() == []
     assert guest.run(["pgrep", "-x", "ntfs-3g"]).stdout == ""  # the FUSE driver has exited
 
 
-def state(guest: GuestLab, config: str) -> str:
-    result = keydctl(guest, "status", "work", "--json", config=config)
-    assert result.rc == 0, result
-    return str(json.loads(result.stdout)["volumes"][0]["state"])
-
-
 def test_stack_unlocks_bottom_up_and_locks_top_down_in_order(guest: GuestLab) -> None:
-    _, config = build_stack(guest)
-    doctor = keydctl(guest, "doctor", config=config)
+    keyd, kernel = build_stack(guest), Kernel(guest)
+    doctor = keyd("doctor")
     assert doctor.rc == 0, doctor  # programs (ntfs-3g, losetup...), modules (fuse, loop...)
 
-    opened = unlock(guest, config)
+    opened = unlock(keyd)
 
     assert "volume work unlocked at /mnt/t/debian" in opened.stdout
-    assert findmnt(guest, NTFS) == f"/dev/mapper/{MAPPING} fuseblk"  # ntfs-3g
+    assert kernel.findmnt(NTFS) == f"/dev/mapper/{MAPPING} fuseblk"  # ntfs-3g
     [(loop, backing)] = loops(guest).items()
     assert backing == f"{NTFS}/rootfs"
-    assert findmnt(guest, ROOT) == f"{loop} ext3"
+    assert kernel.findmnt(ROOT) == f"{loop} ext3"
     assert guest.check(["cat", f"{ROOT}/origin"]).stdout == "installed-by-hand\n"
-    assert state(guest, config) == "unlocked"
+    assert keyd.status("work")["state"] == "unlocked"
     guest.sh(f"head -c 2097152 /dev/urandom > {ROOT}/blob && sync")
-    digest = sha256(guest, f"{ROOT}/blob")
+    digest = kernel.sha256(f"{ROOT}/blob")
 
-    locked = keydctl(guest, "lock", "work", config=config)
+    locked = keyd("lock", "work")
 
     assert locked.rc == 0, locked
     closing = [argv for argv in programs_run(locked.stderr)
@@ -131,21 +122,20 @@ def test_stack_unlocks_bottom_up_and_locks_top_down_in_order(guest: GuestLab) ->
     assert closing[-1] == ["cryptsetup", "close", MAPPING], locked.stderr
     assert {tuple(argv) for argv in closing[3:]} == {("cryptsetup", "close", MAPPING)}
     assert_nothing_open(guest)
-    assert state(guest, config) == "locked"
+    assert keyd.status("work")["state"] == "locked"
 
-    unlock(guest, config)
-    assert sha256(guest, f"{ROOT}/blob") == digest
-    assert keydctl(guest, "lock", "work", config=config).rc == 0
+    unlock(keyd)
+    assert kernel.sha256(f"{ROOT}/blob") == digest
+    assert keyd("lock", "work").rc == 0
     assert_nothing_open(guest)
 
 
 def test_missing_image_rolls_back_the_ntfs_mount_and_the_mapping(guest: GuestLab) -> None:
-    _, config = build_stack(guest)
-    broken = config.replace(".toml", "-broken.toml")
-    guest.sh(f"sed 's/^image = \"rootfs\"/image = \"no-such-image\"/' {config} > {broken}")
+    config = build_stack(guest).config
+    broken = Keydctl(guest, config.replace(".toml", "-broken.toml"))
+    guest.sh(f"sed 's/^image = \"rootfs\"/image = \"no-such-image\"/' {config} > {broken.config}")
 
-    failed = keydctl(guest, "unlock", "work", "--passphrase", config=broken,
-                     input=PASSPHRASE + "\n")
+    failed = broken("unlock", "work", "--passphrase", input=PASSPHRASE + "\n")
 
     assert failed.rc != 0, failed
     assert "could not attach layer img of volume work" in failed.stderr, failed.stderr
@@ -159,12 +149,12 @@ def test_missing_image_rolls_back_the_ntfs_mount_and_the_mapping(guest: GuestLab
 
 
 def test_process_in_the_inner_mount_blocks_the_lock_and_is_named(guest: GuestLab) -> None:
-    _, config = build_stack(guest)
-    unlock(guest, config)
+    keyd, kernel = build_stack(guest), Kernel(guest)
+    unlock(keyd)
     pid = guest.sh(f"cd {ROOT} && setsid sleep 600 >/dev/null 2>&1 </dev/null & echo $!").strip()
     assert guest.check(["readlink", f"/proc/{pid}/cwd"]).stdout.strip() == ROOT
 
-    refused = keydctl(guest, "lock", "work", config=config)
+    refused = keyd("lock", "work")
 
     assert refused.rc == 5, refused
     assert "volume work is busy" in refused.stderr
@@ -173,11 +163,11 @@ def test_process_in_the_inner_mount_blocks_the_lock_and_is_named(guest: GuestLab
     assert not [argv for argv in programs_run(refused.stderr)
                 if argv[0] in ("umount", "losetup", "cryptsetup")]  # nothing was touched
     assert guest.check(["kill", "-0", pid]).rc == 0
-    assert findmnt(guest, ROOT).endswith(" ext3") and findmnt(guest, NTFS).endswith(" fuseblk")
-    assert MAPPING in dm_names(guest) and len(loops(guest)) == 1
+    assert kernel.findmnt(ROOT).endswith(" ext3") and kernel.findmnt(NTFS).endswith(" fuseblk")
+    assert MAPPING in kernel.dm() and len(loops(guest)) == 1
 
     guest.sh(f"kill {pid}; timeout 10 tail --pid={pid} -f /dev/null")
-    locked = keydctl(guest, "lock", "work", config=config)
+    locked = keyd("lock", "work")
 
     assert locked.rc == 0, locked
     assert_nothing_open(guest)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 
 from .conftest import GuestLab
-from .fixtures.stack import Kernel, Keydctl
+from .fixtures.keydctl import Kernel, Keydctl
 
 SERIAL = "SEED004PLAIN"
 DEVICE = f"/dev/disk/by-id/virtio-{SERIAL}"
