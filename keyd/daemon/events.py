@@ -93,9 +93,10 @@ class LockRequested:
 
 @dataclass(frozen=True)
 class LockSucceeded:
-    """The engine closed the stack."""
+    """The engine closed the stack (``changed`` False: nothing of it was open)."""
 
     seconds: float = 0.0
+    changed: bool = True
 
 
 @dataclass(frozen=True)

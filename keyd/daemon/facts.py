@@ -66,6 +66,8 @@ class VolumeFacts:
     failure: str = ""                   # why the last unlock or lock failed (the detail)
     failed: bool = False                # ... and it was a fault, not a wrong key
     lock_attempts: int = 0
+    recheck: bool = False               # a lock request: the engine looks at the kernel even if
+                                        # keyd believes it locked (`lock --direct` behind its back)
     retry_due: bool = False
     refused: bool = False               # a lock gave up (busy or failed): not retried by itself
     rollback: bool = False              # the running lock closes a half-open stack from a crash

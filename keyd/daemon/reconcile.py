@@ -150,7 +150,8 @@ def _towards_unlocked(facts: VolumeFacts, policy: VolumePolicy) -> Result:
 
 
 def _towards_locked(facts: VolumeFacts) -> Result:
-    if facts.kernel == "locked" or (facts.lock_attempts > 0 and not facts.retry_due):
+    if (facts.kernel == "locked" and not facts.recheck) or (facts.lock_attempts > 0
+                                                            and not facts.retry_due):
         return facts, []
     rollback = facts.intent is None and facts.kernel == "partial"
     by = (facts.intent.by if facts.intent is not None else
@@ -202,7 +203,7 @@ def _member_added(facts: VolumeFacts, event: ev.MemberAdded, policy: VolumePolic
 
 def _lock_requested(facts: VolumeFacts, event: ev.LockRequested, policy: VolumePolicy) -> Result:
     return replace(facts, intent=Intent("lock", event.by, event.seq), locked_at=event.seq,
-                   offers=(), booting=False,
+                   offers=(), booting=False, recheck=True,
                    want_passphrase=False, refused=False, lock_attempts=0), [
         CancelTimer(Timer.KEY), *[DiscardKey(o.ref) for o in facts.offers]]
 
@@ -263,15 +264,17 @@ def _tried(facts: VolumeFacts) -> Offer:
 
 
 def _lock_succeeded(facts: VolumeFacts, event: ev.LockSucceeded, policy: VolumePolicy) -> Result:
-    done = Audit(A.LOCK_FINISHED, "rolled back" if facts.rollback else "locked",
-                 result="rolled-back" if facts.rollback else "locked",
+    what, result = (("rolled back", "rolled-back") if facts.rollback else
+                    ("locked", "locked") if event.changed else
+                    ("was already locked", "already-locked"))
+    done = Audit(A.LOCK_FINISHED, what, result=result,
                  reason=facts.intent.by if facts.intent else None, seconds=event.seconds)
     effects: list[Effect] = [done, CancelTimer(Timer.GRACE), CancelTimer(Timer.LOCK_RETRY)]
     if facts.rollback:
         effects.append(ArmTimer(Timer.KEY, policy.key_timeout))
     return replace(facts, kernel="locked", job=None, opened_by=None, grace="off", failure="",
                    failed=False, lock_attempts=0, retry_due=False, rollback=False,
-                   warning=""), effects
+                   recheck=False, warning=""), effects
 
 
 def _lock_busy(facts: VolumeFacts, event: ev.LockBusy, policy: VolumePolicy) -> Result:
@@ -305,7 +308,8 @@ def _gave_up(facts: VolumeFacts, *, failure: str = "", warning: str = "") -> Vol
     """A lock that will not be retried by itself: the request that wanted it is answered."""
     lock = facts.intent is not None and facts.intent.kind == "lock"
     return replace(facts, job=None, lock_attempts=0, retry_due=False, rollback=False,
-                   refused=True, intent=None if lock else facts.intent, failure=failure,
+                   recheck=False, refused=True, intent=None if lock else facts.intent,
+                   failure=failure,
                    failed=bool(failure), warning=warning, grace="off")
 
 

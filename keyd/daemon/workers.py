@@ -96,7 +96,7 @@ def lock(engine: VolumeEngine, volume: Volume, units: UnitManager,
     started = time.monotonic()
     try:
         stop_services(units, services)
-        engine.lock(volume)
+        outcome = engine.lock(volume)
     except VolumeBusy as exc:
         holders = ", ".join(str(h) for h in exc.holders[:5]) or "; ".join(exc.reasons[:3])
         return ev.LockBusy(holders or "in use")
@@ -104,7 +104,7 @@ def lock(engine: VolumeEngine, volume: Volume, units: UnitManager,
         if not isinstance(exc, KeydError):
             log.exception("lock of %s failed unexpectedly", volume.name)
         return ev.LockFailed(reason_code(exc), user_message(exc), _still_open(engine, volume))
-    return ev.LockSucceeded(time.monotonic() - started)
+    return ev.LockSucceeded(time.monotonic() - started, outcome.changed)
 
 
 def stop_services(units: UnitManager, services: Sequence[str]) -> None:

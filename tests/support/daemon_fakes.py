@@ -151,11 +151,12 @@ class FakeEngine:
         self.calls.append(f"lock {volume.name}")
         if (self.busy and self.busy.pop(0)) or volume.name in self.held:
             raise VolumeBusy(volume.name, [Holder(42, "bash", "cwd in", "/srv/tank")])
-        if volume.name in self.open | self.partial:
+        changed = volume.name in self.open | self.partial
+        if changed:
             self.changes.append(("close", volume.name))
         self.open.discard(volume.name)
         self.partial.discard(volume.name)
-        return Outcome(volume.name, True)
+        return Outcome(volume.name, changed)
 
     conflict: set[str] = field(default_factory=set)
 

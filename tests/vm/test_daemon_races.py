@@ -1,0 +1,268 @@
+"""keyd.service when events come at awkward moments: the level-triggered daemon on a real kernel.
+
+Each test sets up one LUKS2 + ext4 volume (or RAID1 under it), installs keyd.service and
+drives the moment that used to lose intent: disks after the stick, a restart before the
+pull, a pull and re-insert during an unlock, a stale stick before a good one, `keydctl
+unlock` during the grace, a service slow to stop, a bind mount, an array udev started.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keyd_lab.daemon_setup import (
+    GUEST_BIN,
+    Signer,
+    audit_records,
+    config_toml,
+    cursor,
+    events,
+    install_keyd,
+    journal_text,
+    make_signer,
+    make_stick,
+    start_keyd,
+    stop_keyd,
+    volume_key,
+    volume_state,
+    wait_until,
+)
+
+from .conftest import GuestLab
+from .guest.daemon_lab import format_volume, volume_toml
+
+KEYDCTL = str(GUEST_BIN / "keydctl")
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signer]:
+    """The NAS admin's signing key (pinned in the guest's keyd.toml)."""
+    yield from make_signer(tmp_path_factory.mktemp("signer"))
+
+
+@pytest.fixture
+def keyd_stopped(guest: GuestLab) -> Iterator[None]:
+    """Stop keyd after the test, before the guest is reset."""
+    yield
+    stop_keyd(guest)
+
+
+def is_open(volume: str) -> str:
+    return f"test -e /dev/mapper/keyd-{volume}-crypt && findmnt /mnt/t/{volume}"
+
+
+def is_closed(volume: str) -> str:
+    return f"! test -e /dev/mapper/keyd-{volume}-crypt && ! findmnt /mnt/t/{volume}"
+
+
+def install(guest: GuestLab, signer: Signer, volume: str, device: str, policy: str,
+            services: list[str] | None = None, units: dict[str, str] | None = None) -> None:
+    """keyd.toml with one volume (its daemon keys in ``policy``), keyd installed and started."""
+    install_keyd(guest, signer, config_toml(signer, volume_toml(volume, device, services, policy)),
+                 units)
+    start_keyd(guest)
+
+
+def state_becomes(guest: GuestLab, volume: str, state: str, timeout: float = 120) -> bool:
+    """Poll keyd's state of ``volume`` over D-Bus until it is ``state``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if volume_state(guest, volume) == state:
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_disks_that_appear_after_the_stick_are_waited_for_even_past_member_wait(
+        guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
+    volume, serial, disk = "late", "RACELATE1", "RACEDISKLATE"
+    device = guest.disk(disk, 64)
+    format_volume(guest, device, volume_key(volume))
+    guest.detach(disk)  # as at boot: the USB stick is up, the disks still spin up
+    install(guest, signer, volume, device, "member_wait = 3\n")
+    start = cursor(guest)
+
+    guest.plug(make_stick(tmp_path, signer, serial, {volume: volume_key(volume)}))
+
+    assert state_becomes(guest, volume, "waiting-for-members"), journal_text(guest, "keyd.service")
+    assert state_becomes(guest, volume, "failed", 60)  # member_wait ran out; the key is kept
+    guest.reattach(disk)
+    assert wait_until(guest, is_open(volume), 180), journal_text(guest, "keyd.service")
+    trail = events(audit_records(guest, start), volume)
+    assert trail.count("unlock-failed") >= 1 and trail[-1] == "unlock-finished", trail
+
+
+def test_after_a_restart_pulling_the_stick_still_locks(
+        guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
+    volume, serial = "restart", "RACERESTART"
+    device = guest.disk("RACEDISKRST", 64)
+    format_volume(guest, device, volume_key(volume))
+    install(guest, signer, volume, device, "lock_on_removal = true\ngrace = 2\n")
+    guest.plug(make_stick(tmp_path, signer, serial, {volume: volume_key(volume)}))
+    assert wait_until(guest, is_open(volume), 180), journal_text(guest, "keyd.service")
+
+    guest.check(["systemctl", "restart", "keyd.service"], timeout=300)
+    start = cursor(guest)
+    assert state_becomes(guest, volume, "unlocked")
+    guest.unplug(serial)
+
+    assert wait_until(guest, is_closed(volume), 120), journal_text(guest, "keyd.service")
+    trail = events(audit_records(guest, start), volume)
+    assert [e for e in trail if e in ("grace-started", "lock-finished")] == \
+        ["grace-started", "lock-finished"], trail
+
+
+def test_a_stick_pulled_and_put_back_during_the_unlock_keeps_the_volume_unlocked(
+        guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
+    volume, serial = "reinsert", "RACEREINS"
+    device = guest.disk("RACEDISKREIN", 64)
+    # A slow key derivation under TCG: the unlock runs long enough to pull the stick in it.
+    format_volume(guest, device, volume_key(volume), iterations=400_000)
+    install(guest, signer, volume, device, "lock_on_removal = true\ngrace = 2\n")
+    stick = make_stick(tmp_path, signer, serial, {volume: volume_key(volume)})
+    start = cursor(guest)
+
+    guest.plug(stick)
+    assert state_becomes(guest, volume, "unlocking"), journal_text(guest, "keyd.service")
+    guest.unplug(serial)
+    guest.plug(stick)
+
+    assert wait_until(guest, is_open(volume), 180), journal_text(guest, "keyd.service")
+    time.sleep(6)  # three times the grace
+    assert guest.run(["sh", "-c", is_open(volume)]).rc == 0, journal_text(guest, "keyd.service")
+    trail = events(audit_records(guest, start))
+    assert "lock-started" not in trail, trail
+    # The pull really happened while the unlock ran.
+    assert trail.index("stick-removed") < trail.index("unlock-finished"), trail
+
+
+def test_a_stale_stick_first_then_the_good_one_unlocks_with_the_second(
+        guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
+    volume = "twosticks"
+    device = guest.disk("RACEDISKTWO", 64)
+    format_volume(guest, device, volume_key(volume), iterations=200_000)
+    install(guest, signer, volume, device, "")
+    stale = make_stick(tmp_path, signer, "RACESTALE", {volume: b"the key before the re-key"})
+    good = make_stick(tmp_path, signer, "RACEGOOD", {volume: volume_key(volume)})
+    start = cursor(guest)
+
+    guest.plug(stale)
+    assert state_becomes(guest, volume, "unlocking"), journal_text(guest, "keyd.service")
+    guest.plug(good)  # its key arrives while the stale one is being tried
+
+    assert wait_until(guest, is_open(volume), 180), journal_text(guest, "keyd.service")
+    records = [r for r in audit_records(guest, start) if r.get("KEYD_VOLUME") == volume]
+    outcomes = [(r["KEYD_EVENT"], r.get("KEYD_STICK_SERIAL")) for r in records
+                if r["KEYD_EVENT"] in ("unlock-failed", "unlock-finished")]
+    assert outcomes == [("unlock-failed", "RACESTALE"), ("unlock-finished", "RACEGOOD")], outcomes
+
+
+def test_keydctl_unlock_during_the_grace_keeps_the_volume_unlocked(
+        guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
+    volume, serial = "grace", "RACEGRACE"
+    device = guest.disk("RACEDISKGRC", 64)
+    format_volume(guest, device, volume_key(volume))
+    install(guest, signer, volume, device, "lock_on_removal = true\ngrace = 20\n")
+    guest.plug(make_stick(tmp_path, signer, serial, {volume: volume_key(volume)}))
+    assert wait_until(guest, is_open(volume), 180), journal_text(guest, "keyd.service")
+    start = cursor(guest)
+    guest.unplug(serial)
+    assert wait_until(guest, "journalctl -q SYSLOG_IDENTIFIER=keyd KEYD_EVENT=grace-started "
+                      "KEYD_RESULT=armed | grep -q .", 60)
+
+    done = guest.run([KEYDCTL, "unlock", volume, "--key-file", "-"], input=volume_key(volume),
+                     timeout=240)
+
+    assert done.rc == 0, done.stderr
+    time.sleep(22)  # past the grace
+    assert guest.run(["sh", "-c", is_open(volume)]).rc == 0, journal_text(guest, "keyd.service")
+    records = audit_records(guest, start)
+    assert "lock-started" not in events(records), events(records)
+    assert any(r["KEYD_EVENT"] == "grace-started" and r.get("KEYD_RESULT") == "cancelled"
+               for r in records), events(records)
+
+
+def test_a_service_slow_to_stop_is_waited_for_and_the_lock_completes(
+        guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
+    volume, serial, unit = "slow", "RACESLOW", "keyd-slow-stop.service"
+    device = guest.disk("RACEDISKSLOW", 64)
+    format_volume(guest, device, volume_key(volume))
+    # It keeps its working directory on the volume until its ExecStop has taken 15 s.
+    service = (f"[Unit]\nPartOf=keyd-unlocked@{volume}.target\n[Service]\n"
+               f"ExecStart=/bin/sh -c 'cd /mnt/t/{volume} && exec sleep infinity'\n"
+               "ExecStop=/bin/sleep 15\nTimeoutStopSec=60\n")
+    install(guest, signer, volume, device, "lock_retries = 1\nlock_retry_delay = 1\n", [unit],
+            {unit: service})
+    guest.plug(make_stick(tmp_path, signer, serial, {volume: volume_key(volume)}))
+    assert wait_until(guest, f"{is_open(volume)} && systemctl is-active {unit}", 180), \
+        journal_text(guest, "keyd.service")
+    start = cursor(guest)
+
+    guest.run([KEYDCTL, "lock", volume], timeout=240)
+
+    assert wait_until(guest, is_closed(volume), 120), journal_text(guest, "keyd.service")
+    trail = events(audit_records(guest, start), volume)
+    assert "lock-finished" in trail and "lock-busy" not in trail, trail
+
+
+def test_a_bind_mount_of_the_volume_refuses_the_lock_and_nothing_is_half_closed(
+        guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
+    volume, serial = "bound", "RACEBIND"
+    device = guest.disk("RACEDISKBIND", 64)
+    format_volume(guest, device, volume_key(volume))
+    install(guest, signer, volume, device, "lock_retries = 1\nlock_retry_delay = 1\n")
+    guest.plug(make_stick(tmp_path, signer, serial, {volume: volume_key(volume)}))
+    assert wait_until(guest, is_open(volume), 180), journal_text(guest, "keyd.service")
+    guest.sh(f"mkdir -p /mnt/t/export && mount --bind /mnt/t/{volume} /mnt/t/export")
+    start = cursor(guest)
+
+    guest.run([KEYDCTL, "lock", volume], timeout=240)
+
+    assert wait_until(guest, "journalctl -q SYSLOG_IDENTIFIER=keyd KEYD_EVENT=lock-busy "
+                      "KEYD_RESULT=stays-unlocked | grep -q .", 120), journal_text(guest, "keyd.service")
+    assert guest.run(["sh", "-c", is_open(volume)]).rc == 0  # nothing closed underneath
+    busy = [r for r in audit_records(guest, start) if r["KEYD_EVENT"] == "lock-busy"]
+    assert any("/mnt/t/export" in r["MESSAGE"] for r in busy), busy
+    assert volume_state(guest, volume) == "unlocked"
+    guest.sh("umount /mnt/t/export")
+    guest.run([KEYDCTL, "lock", volume], timeout=240)
+    assert wait_until(guest, is_closed(volume), 120), journal_text(guest, "keyd.service")
+
+
+def test_an_array_udev_started_before_keyd_is_not_rolled_back(
+        guest: GuestLab, signer: Signer, keyd_stopped: None) -> None:
+    volume = "array"
+    disks = [guest.disk(serial, 64) for serial in ("RACEMD1", "RACEMD2")]
+    guest.check(["mdadm", "--create", "/dev/md/racefmt", "--run", "--level=1", "--raid-devices=2",
+                 "--metadata=1.2", "--assume-clean", *disks], timeout=120)
+    detail = guest.check(["mdadm", "--detail", "--export", "/dev/md/racefmt"]).stdout
+    uuid = dict(line.split("=", 1) for line in detail.splitlines() if "=" in line)["MD_UUID"]
+    # Started under its own name, as udev's incremental assembly does at boot.
+    config = config_toml(signer, f"""
+[volume.{volume}]
+[volume.{volume}.layer.md]
+kind = "raid"
+uuid = "{uuid}"
+[volume.{volume}.layer.crypt]
+kind = "crypt"
+type = "luks"
+below = ["md"]
+[volume.{volume}.layer.data]
+kind = "mount"
+below = ["crypt"]
+fstype = "ext4"
+mountpoint = "/mnt/t/{volume}"
+""")
+    install_keyd(guest, signer, config)
+    start = cursor(guest)
+
+    start_keyd(guest)
+
+    trail = events(audit_records(guest, start), volume)
+    assert "reconciled" not in trail and "lock-started" not in trail, trail
+    assert guest.run(["test", "-e", "/dev/md/racefmt"]).rc == 0  # left as udev made it
+    assert volume_state(guest, volume) == "waiting-for-key"
