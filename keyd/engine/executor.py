@@ -140,6 +140,8 @@ class Executor:
             members = run.members.get(step.layer, step.members)
             device = self.storage.raid.assemble(label, step.md_name, step.uuid, members,
                                                 run=step.run)
+            if step.run:
+                self._note_degraded_array(volume, step, label)
         elif isinstance(step, OpenCrypt):
             device = self._open_crypt(volume, step, run)
         elif isinstance(step, AttachLoop):
@@ -167,6 +169,15 @@ class Executor:
                                       "unlocking again, or set degraded = \"always\"")
         log.warning("%s", text)
         self.degraded.append(text)
+
+    def _note_degraded_array(self, volume: Volume, step: AssembleRaid, label: str) -> None:
+        """An array started with members missing (the policy allowed it) is reported degraded."""
+        array = self.observer.observe([volume], members=False).md_with_uuid(step.uuid)
+        if array is not None and array.degraded > 0:
+            text = (f"md array {step.md_name} of {label} was started with "
+                    f"{array.raid_disks - array.degraded} of {array.raid_disks} members")
+            log.warning("%s", text)
+            self.degraded.append(text)
 
     def _open_crypt(self, volume: Volume, step: OpenCrypt, run: _Run) -> str:
         source = _resolve(step.source, run)

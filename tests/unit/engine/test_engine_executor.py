@@ -10,7 +10,7 @@ import pytest
 from keyd.config import CryptLayer, Volume, parse_config
 from keyd.engine.errors import Holder, KeyRejected, StorageError, VolumeBusy
 from keyd.engine.executor import Executor
-from keyd.engine.observed import DmMapping, MountEntry, ObservedState, RaidMembers
+from keyd.engine.observed import DmMapping, MdArray, MountEntry, ObservedState, RaidMembers
 from keyd.engine.plan import (
     AssembleRaid,
     CloseCrypt,
@@ -49,6 +49,7 @@ class FakeKernel:
     keys_seen: list[bytes] = field(default_factory=list)
     member_scans: list[tuple[str, ...]] = field(default_factory=list)
     busy: list[Holder] = field(default_factory=list)
+    arrays: tuple[MdArray, ...] = ()  # what observe shows of md arrays
 
     def _do(self, event: str) -> None:
         if event in self.fail:
@@ -92,9 +93,11 @@ class FakeKernel:
                 if any(h.path == p or h.path.startswith(p + "/") for p in paths)]
 
     def observe(self, volumes: Sequence[Volume], *, members: bool = True) -> ObservedState:
+        if not self.member_scans:
+            return ObservedState(md=self.arrays)
         devices = self.member_scans.pop(0) if len(self.member_scans) > 1 else \
             self.member_scans[0]
-        return ObservedState(raid_members=(RaidMembers(UUID, 3, devices),))
+        return ObservedState(raid_members=(RaidMembers(UUID, 3, devices),), md=self.arrays)
 
 
 class Services:
@@ -246,6 +249,19 @@ def test_wait_for_members_gives_up_at_the_deadline_and_starts_degraded() -> None
     executor(kernel, clock=clock).unlock(volume(), plan)
     assert sum(clock.slept) == pytest.approx(2.5)
     assert kernel.events == ["assemble keyd-tank-md0 /dev/sdb,/dev/sdc run=True"]
+
+
+@pytest.mark.parametrize(("missing", "noted"), [
+    (1, ["md array keyd-tank-md0 of layer md0 of volume tank was started with 2 of 3 members"]),
+    (0, [])])
+def test_an_array_started_with_members_missing_is_reported_degraded(missing: int,
+                                                                    noted: list[str]) -> None:
+    started = MdArray("md127", UUID, "/dev/md/keyd-tank-md0", "clean", "raid5", 3, missing)
+    kernel = FakeKernel(member_scans=[("/dev/sdb", "/dev/sdc")], arrays=(started,))
+    run = executor(kernel)
+    run.unlock(volume(), Plan("tank", (AssembleRaid("md0", UUID, "keyd-tank-md0",
+                                                    ("/dev/sdb", "/dev/sdc"), run=True),)))
+    assert run.degraded == noted
 
 
 def test_taking_over_an_inactive_array_stops_it_and_rollback_stops_only_the_assembled_one(
