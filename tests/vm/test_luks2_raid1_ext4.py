@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from tests.configs import luks_on_raid
+
 from .conftest import GuestLab
 from .fixtures.keydctl import Kernel, Keydctl, create_array, stop_array
 
@@ -33,26 +35,8 @@ def luks2_raid1_ext4(guest: GuestLab, tag: str) -> str:
 
 def config(uuid: str, *, fstype: str = "ext4", mountpoint: str = "/mnt/t/home") -> str:
     """keyd.toml for volume ``home`` on the array ``uuid``."""
-    return f"""
-[volume.home]
-description = "LUKS2 on RAID1, ext4"
-
-[volume.home.layer.md]
-kind = "raid"
-uuid = "{uuid}"
-
-[volume.home.layer.luks]
-kind = "crypt"
-type = "luks"
-below = ["md"]
-
-[volume.home.layer.fs]
-kind = "mount"
-below = ["luks"]
-fstype = "{fstype}"
-mountpoint = "{mountpoint}"
-options = ["nodev", "nosuid"]
-"""
+    return luks_on_raid(uuid, fstype=fstype, mountpoint=mountpoint, options=["nodev", "nosuid"],
+                        description="LUKS2 on RAID1, ext4")
 
 
 def test_unlock_write_lock_unlock_keeps_data_and_a_second_unlock_changes_nothing(

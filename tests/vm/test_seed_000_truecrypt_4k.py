@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.configs import seed_000, veracrypt_ext4
+
 from .conftest import GuestLab
 from .fixtures import veracrypt
 from .fixtures.keydctl import Kernel, Keydctl, tcplay
@@ -28,21 +30,10 @@ def crypt_table(guest: GuestLab, name: str) -> dict[str, str]:
             "device": fields[6], "offset": fields[7], "options": " ".join(fields[8:])}
 
 
-TC_CONFIG = """
-[volume.nas]
-description = "seed 000: TrueCrypt on a 4K-sector USB disk, ext4 inside"
-
-[volume.nas.layer.tc]
-kind = "crypt"
-type = "tcrypt"
-device = "{device}"
-
-[volume.nas.layer.media]
-kind = "mount"
-below = ["tc"]
-fstype = "ext4"
-mountpoint = "/mnt/t/nas"
-"""
+def tc_config(device: str) -> str:
+    """Volume nas: the seed's TrueCrypt volume on ``device``, ext4 at /mnt/t/nas."""
+    return seed_000(device, mountpoint="/mnt/t/nas",
+                    description="seed 000: TrueCrypt on a 4K-sector USB disk, ext4 inside")
 
 
 def test_tcplay_volume_on_a_4k_sector_disk_unlocks_locks_and_keeps_its_data(
@@ -62,7 +53,7 @@ def test_tcplay_volume_on_a_4k_sector_disk_unlocks_locks_and_keeps_its_data(
     # tcplay records the disk's 4096-byte sectors in the header; TrueCrypt's XTS data unit stays
     # 512 bytes whatever the sector size, and that is what cryptsetup maps (checked below).
     assert "Sector size:\t4096" in dump and "MK offset:\t131072" in dump, dump
-    keyd = Keydctl(guest, "/etc/keyd/seed000.toml").write_config(TC_CONFIG.format(device=disk))
+    keyd = Keydctl(guest, "/etc/keyd/seed000.toml").write_config(tc_config(disk))
     doctor = keyd("doctor")
     assert doctor.rc == 0, doctor
     assert f"nas/tc: {disk} -> /dev/vd" in doctor.stdout
@@ -111,21 +102,12 @@ def test_tcplay_volume_on_a_4k_sector_disk_unlocks_locks_and_keeps_its_data(
     assert kernel.dm() == [] and kernel.findmnt("/mnt/t/nas") == ""
 
 
-VC_CONFIG = """
-[volume.vault.layer.vc]
-kind = "crypt"
-type = "veracrypt"
-device = "{device}"
-hash = "{prf}"
-pim = {pim}
-
-[volume.vault.layer.fs]
-kind = "mount"
-below = ["vc"]
-fstype = "ext4"
-mountpoint = "/mnt/t/vault"
-"""
 VC_PIM = 1  # 15000 + 1000 * PIM = 16000 PBKDF2 rounds instead of 500000 (TCG is slow)
+
+
+def vc_config(device: str, prf: str) -> str:
+    """Volume vault: VeraCrypt on ``device`` opened with ``prf`` and VC_PIM, ext4 at /mnt/t/vault."""
+    return veracrypt_ext4(device, prf=prf, pim=VC_PIM, mountpoint="/mnt/t/vault")
 
 
 def attach_image(guest: GuestLab, image: Path, serial: str) -> str:
@@ -141,8 +123,7 @@ def test_veracrypt_volume_opens_only_with_its_pinned_prf_and_pim(
     image = tmp_path / "VC000.img"
     veracrypt.write_volume(image, 64 << 20, PASSPHRASE.encode(), prf="sha512", pim=VC_PIM)
     disk = attach_image(guest, image, "VC000")
-    keyd = Keydctl(guest, "/etc/keyd/seed000vc.toml").write_config(
-        VC_CONFIG.format(device=disk, prf="sha512", pim=VC_PIM))
+    keyd = Keydctl(guest, "/etc/keyd/seed000vc.toml").write_config(vc_config(disk, "sha512"))
 
     # No filesystem yet: the mapping opens, the mount fails, and the run is rolled back.
     bare = keyd("unlock", "vault", "--passphrase", input=PASSPHRASE + "\n")
@@ -172,8 +153,7 @@ def test_veracrypt_volume_opens_only_with_its_pinned_prf_and_pim(
     assert keyd("lock", "vault").rc == 0
 
     # A wrong PRF pin is a rejected key: clear message, exit 6, nothing left open.
-    wrong = Keydctl(guest, "/etc/keyd/seed000vc-wrong.toml").write_config(
-        VC_CONFIG.format(device=disk, prf="sha256", pim=VC_PIM))
+    wrong = Keydctl(guest, "/etc/keyd/seed000vc-wrong.toml").write_config(vc_config(disk, "sha256"))
     refused = wrong("unlock", "vault", "--passphrase", input=PASSPHRASE + "\n")
     assert refused.rc == 6, refused
     assert "wrong key for volume vault" in refused.stderr, refused.stderr

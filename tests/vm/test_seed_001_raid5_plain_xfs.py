@@ -13,6 +13,8 @@ import re
 import secrets
 import string
 
+from tests.configs import seed_001
+
 from .conftest import GuestLab
 from .fixtures.keydctl import Kernel, Keydctl, create_array, stop_array
 
@@ -26,29 +28,8 @@ MOUNTPOINT = "/mnt/t/raid5crypt"
 
 def config(uuid: str, degraded: str = "never") -> str:
     """keyd.toml for the seed: array ``uuid`` with the given degraded policy."""
-    return f"""
-[volume.raid5]
-description = "seed 001: RAID5 + cryptsetup create --key-file passphrase --key-size 128 + XFS"
-
-[volume.raid5.layer.md0]
-kind = "raid"
-uuid = "{uuid}"
-degraded = "{degraded}"
-
-[volume.raid5.layer.crypt]
-kind = "crypt"
-type = "plain"
-below = ["md0"]
-cipher = "aes-cbc-plain"
-key_size = 128
-key = "passphrase"
-
-[volume.raid5.layer.data]
-kind = "mount"
-below = ["crypt"]
-fstype = "xfs"
-mountpoint = "{MOUNTPOINT}"
-"""
+    return seed_001(uuid, degraded=degraded, mountpoint=MOUNTPOINT, description=(
+        "seed 001: RAID5 + cryptsetup create --key-file passphrase --key-size 128 + XFS"))
 
 
 def build_seed(guest: GuestLab, kernel: Kernel) -> tuple[str, list[str], str]:

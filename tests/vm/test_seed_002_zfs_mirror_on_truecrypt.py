@@ -16,6 +16,7 @@ import pytest
 
 from keyd.runner import SubprocessRunner
 from keyd_lab.media import StickSpec, build_stick
+from tests.configs import LUKS, seed_002, zfs_on_crypt
 
 from .conftest import GuestLab
 from .fixtures.keydctl import RUN_DIR, Kernel, Keydctl, tcplay
@@ -24,39 +25,12 @@ from .fixtures.zfs import export_all, pools, vdevs
 POOL, POOL4K = "secretpool", "pool4k"
 PASSPHRASES = {"k1": "first TrueCrypt volume 2017", "k2": "second TrueCrypt volume 2017"}
 STICK = "/mnt/t/stick"
-CONFIG = """
-[volume.secret]
-description = "seed 002: ZFS mirror on two TrueCrypt volumes"
 
-[volume.secret.layer.tc1]
-kind = "crypt"
-type = "tcrypt"
-device = "{disk1}"
-key = "k1"
 
-[volume.secret.layer.tc2]
-kind = "crypt"
-type = "tcrypt"
-device = "{disk2}"
-key = "k2"
-
-[volume.secret.layer.pool]
-kind = "zfs"
-below = ["tc1", "tc2"]
-pool = "secretpool"
-degraded = "{degraded}"
-"""
-LUKS_CONFIG = """
-[volume.p4k.layer.luks]
-kind = "crypt"
-type = "luks"
-device = "{disk}"
-
-[volume.p4k.layer.pool]
-kind = "zfs"
-below = ["luks"]
-pool = "pool4k"
-"""
+def config(disk1: str, disk2: str, degraded: str) -> str:
+    """Volume secret: the seed's mirror, one passphrase per TrueCrypt volume (keys k1 and k2)."""
+    return seed_002(disk1, disk2, volume="secret", keys=("k1", "k2"), degraded=degraded,
+                    description="seed 002: ZFS mirror on two TrueCrypt volumes")
 
 
 @pytest.fixture
@@ -105,8 +79,7 @@ def test_seed002_mirror_unlocks_locks_and_degrades_by_policy(
         zfs: GuestLab, tmp_path: Path) -> None:
     guest, kernel = zfs, Kernel(zfs)
     disk1, disk2, sums = make_seed_pool(guest)
-    never = Keydctl(guest, "/etc/keyd/seed002.toml").write_config(
-        CONFIG.format(disk1=disk1, disk2=disk2, degraded="never"))
+    never = Keydctl(guest, "/etc/keyd/seed002.toml").write_config(config(disk1, disk2, "never"))
     # While the setup's own mappings carry the pool, it is not keyd's: never exported, and the
     # unlock refuses before opening anything.
     assert never.ok("lock", "secret").stdout.strip() == "volume secret already locked"
@@ -159,7 +132,7 @@ def test_seed002_mirror_unlocks_locks_and_degrades_by_policy(
 
     # "always": the mirror comes up DEGRADED from one side, says so, and serves the data.
     always = Keydctl(guest, "/etc/keyd/seed002-always.toml").write_config(
-        CONFIG.format(disk1=disk1, disk2=disk2, degraded="always"))
+        config(disk1, disk2, "always"))
     degraded = always("unlock", "secret", *key_args("k1"))
     assert degraded.rc == 0, degraded
     assert "warning: zfs pool secretpool" in degraded.stderr and "DEGRADED (without tc2)" in \
@@ -194,7 +167,8 @@ def test_pool_on_luks_on_a_4k_sector_disk_keeps_ashift_12(zfs: GuestLab) -> None
     sums = kernel.write_files(f"/mnt/t/{POOL4K}")
     guest.check(["zpool", "export", POOL4K], timeout=120)
     guest.check(["cryptsetup", "close", "luks4ksetup"])
-    keydctl = Keydctl(guest, "/etc/keyd/p4k.toml").write_config(LUKS_CONFIG.format(disk=disk))
+    keydctl = Keydctl(guest, "/etc/keyd/p4k.toml").write_config(
+        zfs_on_crypt("p4k", {"luks": disk}, pool=POOL4K, crypt=LUKS))
 
     opened = keydctl("unlock", "p4k", "--key-file", "-", input=passphrase)
 

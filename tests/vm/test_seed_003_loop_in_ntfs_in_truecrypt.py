@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 from keyd_lab.channel import GuestResult
+from tests.configs import seed_003
 
 from .conftest import GuestLab
 from .fixtures.keydctl import Kernel, Keydctl, programs_run, tcplay
@@ -20,33 +21,6 @@ from .fixtures.keydctl import Kernel, Keydctl, programs_run, tcplay
 PASSPHRASE = "work laptop 2013"
 NTFS, ROOT = "/mnt/t/winroot", "/mnt/t/debian"
 MAPPING = "keyd-work-tc"
-
-CONFIG = f"""
-[volume.work]
-description = "seed 003: Debian in an ext3 image on TrueCrypt'ed NTFS"
-
-[volume.work.layer.tc]
-kind = "crypt"
-type = "tcrypt"
-device = "{{device}}"
-
-[volume.work.layer.ntfs]
-kind = "mount"
-below = ["tc"]
-fstype = "ntfs-3g"
-mountpoint = "{NTFS}"
-
-[volume.work.layer.img]
-kind = "loop"
-below = ["ntfs"]
-image = "rootfs"
-
-[volume.work.layer.root]
-kind = "mount"
-below = ["img"]
-fstype = "ext3"
-mountpoint = "{ROOT}"
-"""
 
 # Stack built by hand (cryptsetup for the mapping, as tcplay -m would): NTFS, then an ext3
 # image in it holding one file, then everything closed again.
@@ -77,7 +51,9 @@ def build_stack(guest: GuestLab) -> Keydctl:
     guest.check(["cryptsetup", "open", "--type", "tcrypt", disk, "tcsetup"],
                 input=PASSPHRASE + "\n", timeout=300)
     guest.check(["sh", "-ec", BUILD], timeout=300)
-    return Keydctl(guest, "/etc/keyd/seed003.toml").write_config(CONFIG.format(device=disk))
+    config = seed_003(disk, ntfs=NTFS, root=ROOT,
+                      description="seed 003: Debian in an ext3 image on TrueCrypt'ed NTFS")
+    return Keydctl(guest, "/etc/keyd/seed003.toml").write_config(config)
 
 
 def loops(guest: GuestLab) -> dict[str, str]:

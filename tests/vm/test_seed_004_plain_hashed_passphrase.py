@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 
+from tests.configs import seed_004
+
 from .conftest import GuestLab
 from .fixtures.keydctl import Kernel, Keydctl
 
@@ -20,24 +22,8 @@ DEVICE = f"/dev/disk/by-id/virtio-{SERIAL}"
 PASSPHRASE = "correct horse battery staple 2004"
 PLAIN_2004 = ["--type", "plain", "--cipher", "aes-cbc-plain", "--key-size", "256",
               "--hash", "ripemd160"]
-CONFIG = f"""
-[volume.cryptvol1]
-description = "seed 004: cryptsetup -c aes -h ripemd160 (2004)"
-
-[volume.cryptvol1.layer.c]
-kind = "crypt"
-type = "plain"
-device = "{DEVICE}"
-cipher = "aes-cbc-plain"
-key_size = 256
-hash = "ripemd160"
-
-[volume.cryptvol1.layer.data]
-kind = "mount"
-below = ["c"]
-fstype = "ext3"
-mountpoint = "/mnt/t/data"
-"""
+CONFIG = seed_004(DEVICE, mountpoint="/mnt/t/data",
+                  description="seed 004: cryptsetup -c aes -h ripemd160 (2004)")
 
 
 def hashalot_key(passphrase: bytes, size: int, hash_name: str = "ripemd160") -> bytes:
