@@ -1,4 +1,4 @@
-"""Benchmark (issue 4 bars), in the real-kernel lab: keyd's unlock overhead and status latency.
+"""Benchmark, in the real-kernel lab: keyd's unlock overhead and status latency.
 
 Boots its own lab VM, builds RAID1 -> LUKS2 -> ext4 in the guest, then runs a
 script in the guest that drives keyd's Engine on ``SubprocessRunner(Timing())``:
@@ -9,7 +9,8 @@ script in the guest that drives keyd's Engine on ``SubprocessRunner(Timing())``:
   user waits for) and in-process (observe + report); goal <= 100 ms.
 
 Prints figures and ratios; no asserts (the guest is emulated, TCG: absolute
-times are slow, the ratios are what matter).
+times are slow, the ratios are what matter). The configs come from tests/configs.py:
+lab_unlock, imported first, puts the checkout's root on sys.path, so no PYTHONPATH is needed:
 
     .venv/bin/python benchmarks/bench_unlock.py [-n 5]
 """
@@ -25,43 +26,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+# First: it puts the checkout's root on sys.path (for tests.configs).
 from lab_unlock import GUEST_PYTHON, ROOT, booted_lab, ms, run_in_guest, show_unlocks
 
 from keyd_lab.media import create_disk
 from keyd_lab.vm import Lab
+from tests.configs import LUKS, PLAIN_2006, TCRYPT, crypt_mount, luks_on_raid
 
 WORK = "/run/keyd-bench"
 KEY = b"benchmark key"
-VOLUME = """
-[volume.bench.layer.md]
-kind = "raid"
-uuid = "{uuid}"
-
-[volume.bench.layer.luks]
-kind = "crypt"
-type = "luks"
-below = ["md"]
-
-[volume.bench.layer.fs]
-kind = "mount"
-below = ["luks"]
-fstype = "ext4"
-mountpoint = "/mnt/bench"
-"""
+# Volume bench, RAID1 -> LUKS2 -> ext4; the array's UUID is filled in with VOLUME.format(uuid=...).
+VOLUME = luks_on_raid("{uuid}", volume="bench", mountpoint="/mnt/bench")
 # Four more volumes for the status bar: their disks are absent, as on a NAS with spares.
-OTHERS = "".join(f"""
-[volume.spare{i}.layer.c]
-kind = "crypt"
-type = "{kind}"
-device = "/dev/disk/by-id/virtio-ABSENT{i}"
-{extra}
-[volume.spare{i}.layer.fs]
-kind = "mount"
-below = ["c"]
-fstype = "xfs"
-mountpoint = "/mnt/spare{i}"
-""" for i, kind, extra in ((1, "luks", ""), (2, "plain", 'cipher = "aes-cbc-plain"\nkey_size = 128\n'),
-                           (3, "tcrypt", ""), (4, "luks", "")))
+OTHERS = "".join(crypt_mount(f"spare{i}", f"/dev/disk/by-id/virtio-ABSENT{i}", crypt,
+                             names=("c", "fs"), fstype="xfs", mountpoint=f"/mnt/spare{i}")
+                 for i, crypt in enumerate((LUKS, PLAIN_2006, TCRYPT, LUKS), 1))
 
 # Runs in the guest with the checkout's venv; prints one JSON document.
 GUEST_SCRIPT = r'''

@@ -1,12 +1,14 @@
-"""Benchmark (issue 7 bar), in the real-kernel lab: keyd's overhead unlocking a two-volume ZFS mirror.
+"""Benchmark, in the real-kernel lab: keyd's overhead unlocking a two-volume ZFS mirror.
 
 Boots its own lab VM (with ZFS, the lab's default), builds two LUKS2 volumes (fast
 PBKDF2, so key derivation does not drown keyd's own time) and a mirror pool over
 their mappings, then runs keyd's Engine in the guest on ``SubprocessRunner(Timing())``:
 unlock = open both mappings + ``zpool import`` (plus keyd's observations: zpool
 list/status). Prints keyd's wall time / the summed wall time of the programs it
-ran, N times with a lock in between; the issue's goal is <= 1.05. No asserts
-(TCG: absolute times are emulated, the ratio is what matters).
+ran, N times with a lock in between; the goal is <= 1.05. No asserts (TCG:
+absolute times are emulated, the ratio is what matters). The config comes from
+tests/configs.py: lab_unlock, imported first, puts the checkout's root on
+sys.path, so no PYTHONPATH is needed:
 
     .venv/bin/python benchmarks/bench_unlock_zfs.py [-n 5]
 """
@@ -17,29 +19,22 @@ import argparse
 import sys
 from pathlib import Path
 
+# First: it puts the checkout's root on sys.path (for tests.configs).
 from lab_unlock import booted_lab, run_in_guest, show_unlocks
 
 from keyd_lab.media import create_disk
 from keyd_lab.vm import Lab
+from tests.configs import LUKS, zfs_on_crypt
 
 WORK = "/run/keyd-bench-zfs"
 KEY = b"benchmark key"
-CONFIG = """
-[volume.bench.layer.c1]
-kind = "crypt"
-type = "luks"
-device = "{disk1}"
-key = "k"
-[volume.bench.layer.c2]
-kind = "crypt"
-type = "luks"
-device = "{disk2}"
-key = "k"
-[volume.bench.layer.pool]
-kind = "zfs"
-below = ["c1", "c2"]
-pool = "benchpool"
-"""
+
+
+def bench_config(disk1: str, disk2: str) -> str:
+    """Volume bench: the pool benchpool on two LUKS2 layers, c1 and c2, sharing key k."""
+    return zfs_on_crypt("bench", {"c1": disk1, "c2": disk2}, pool="benchpool", crypt=LUKS,
+                        keys={"c1": "k", "c2": "k"})
+
 
 # Runs in the guest with the checkout's venv; prints one JSON document.
 GUEST_SCRIPT = r'''
@@ -79,8 +74,8 @@ def main() -> int:
     args = parser.parse_args()
     with booted_lab("bench-unlock-zfs") as (lab, images):
         disk1, disk2 = build_pool(lab, images)
-        files: dict[str, str | bytes] = {"keyd.toml": CONFIG.format(disk1=disk1, disk2=disk2), "key": KEY,
-                 "bench.py": GUEST_SCRIPT}
+        files: dict[str, str | bytes] = {"keyd.toml": bench_config(disk1, disk2), "key": KEY,
+                                         "bench.py": GUEST_SCRIPT}
         show_unlocks("2 x LUKS2 -> zfs mirror",
                      run_in_guest(lab, WORK, files, rounds=args.rounds)["unlocks"])
         lab.run(["zpool", "export", "-f", "benchpool"], timeout=120)

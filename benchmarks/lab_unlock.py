@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# The scripts run as `python benchmarks/X.py` (sys.path[0] is benchmarks/); with the checkout's
+# root on the path they import tests.configs, which is not installed.
 sys.path.insert(0, str(ROOT))
 
 from keyd.adapters.block import Losetup, Mdadm, Mounter  # noqa: E402
