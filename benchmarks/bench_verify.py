@@ -2,7 +2,7 @@
 
 Both run in the same process, on the same signature, in a throwaway GnuPG
 home with a fast ed25519 key. Prints the median of N runs of each and their
-ratio; the issue's bar is <= 150 ms for the full verification. No asserts.
+ratio; the bar is <= 150 ms for the full verification. No asserts.
 
     .venv/bin/python benchmarks/bench_verify.py [-n 30]
 """
