@@ -14,6 +14,7 @@ import pytest
 from keyd.errors import KeydError
 from keyd.runner import SubprocessRunner
 from keyd_lab.build import Artifacts, new_run_dir, prepare
+from keyd_lab.daemon_setup import Signer, make_signer, stop_keyd
 from keyd_lab.media import StickSpec, build_stick, create_disk
 from keyd_lab.vm import Lab, LabOptions
 
@@ -126,6 +127,12 @@ class GuestLab:
             self.detach(serial)
 
 
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signer]:
+    """The NAS admin's signing key, pinned in the daemon tests' keyd.toml (one per test file)."""
+    yield from make_signer(tmp_path_factory.mktemp("signer"))
+
+
 @pytest.fixture
 def guest(lab: Lab, tmp_path: Path) -> Iterator[GuestLab]:
     """A clean guest for one test; mounts go under /mnt/t/."""
@@ -133,6 +140,13 @@ def guest(lab: Lab, tmp_path: Path) -> Iterator[GuestLab]:
     lab.check(["mkdir", "-p", "/mnt/t"])
     yield view
     view.reset()
+
+
+@pytest.fixture
+def keyd_stopped(guest: GuestLab) -> Iterator[None]:
+    """Stop (and mask) keyd after a daemon test, before the guest is reset."""
+    yield
+    stop_keyd(guest)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

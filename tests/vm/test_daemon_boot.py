@@ -6,10 +6,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from keyd.audit.ids import EVENT_BY_ID
 from keyd_lab.build import Artifacts, new_run_dir
@@ -18,7 +15,6 @@ from keyd_lab.daemon_setup import (
     KEYDCTL_HOST,
     Signer,
     journal_text,
-    make_signer,
     make_stick,
     volume_key,
 )
@@ -39,12 +35,6 @@ ExecStart=/bin/sh -c 'test -b /dev/mapper/keyd-{VOLUME}-crypt && echo open > /ru
 [Install]
 WantedBy=keyd-lab.target
 """
-
-
-@pytest.fixture(scope="module")
-def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signer]:
-    """The NAS admin's signing key (pinned in the guest's keyd.toml)."""
-    yield from make_signer(tmp_path_factory.mktemp("signer"))
 
 
 def luks_disk(path: Path, key: bytes) -> Path:

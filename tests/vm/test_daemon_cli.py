@@ -16,7 +16,6 @@ from keyd_lab.daemon_setup import (
     events,
     install_keyd,
     journal_text,
-    make_signer,
     start_keyd,
     stop_keyd,
     volume_key,
@@ -32,12 +31,6 @@ KEY_FILE = f"/root/{VOLUME}.key"
 KEYDCTL = str(GUEST_BIN / "keydctl")
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 UNIT = f"keyd-dummy-{VOLUME}.service"
-
-
-@pytest.fixture(scope="module")
-def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signer]:
-    """The NAS admin's signing key (pinned in the guest's keyd.toml; no stick is used here)."""
-    yield from make_signer(tmp_path_factory.mktemp("signer"))
 
 
 @pytest.fixture

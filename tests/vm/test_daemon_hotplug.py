@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from keyd_lab.daemon_setup import (
     make_signer,
     make_stick,
     start_keyd,
-    stop_keyd,
     volume_key,
     volume_state,
     wait_until,
@@ -37,19 +35,6 @@ from .guest.daemon_lab import (
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 DBUS_CALL = ["busctl", "call", "org.keyd.Keyd1", "/org/keyd/Keyd1", "org.keyd.Keyd1.Manager"]
-
-
-@pytest.fixture(scope="module")
-def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signer]:
-    """The NAS admin's signing key (pinned in the guest's keyd.toml)."""
-    yield from make_signer(tmp_path_factory.mktemp("signer"))
-
-
-@pytest.fixture
-def keyd_stopped(guest: GuestLab) -> Iterator[None]:
-    """Stop keyd after the test, before the guest is reset."""
-    yield
-    stop_keyd(guest)
 
 
 def policy(*, lock_on_removal: bool) -> str:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from keyd_lab.daemon_setup import (
     Signer,
     audit_records,
@@ -14,7 +10,6 @@ from keyd_lab.daemon_setup import (
     events,
     install_keyd,
     journal_text,
-    make_signer,
     start_keyd,
     stop_keyd,
     volume_key,
@@ -36,12 +31,6 @@ f=$(grep -l '^Id=keyd:{VOLUME}$' /run/systemd/ask-password/ask.* | head -n1)
 sock=$(sed -n 's/^Socket=//p' "$f")
 /lib/systemd/systemd-reply-password 1 "$sock"
 """
-
-
-@pytest.fixture(scope="module")
-def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signer]:
-    """A pinned signer (no stick is used here)."""
-    yield from make_signer(tmp_path_factory.mktemp("signer"))
 
 
 def test_passphrase_fallback_is_answered_through_the_ask_password_agent_interface(

@@ -9,10 +9,7 @@ unlock` during the grace, a service slow to stop, a bind mount, an array udev st
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from keyd_lab.daemon_setup import (
     GUEST_BIN,
@@ -23,10 +20,8 @@ from keyd_lab.daemon_setup import (
     events,
     install_keyd,
     journal_text,
-    make_signer,
     make_stick,
     start_keyd,
-    stop_keyd,
     volume_key,
     volume_state,
     wait_until,
@@ -38,19 +33,6 @@ from .guest.daemon_lab import format_volume, volume_toml
 KEYDCTL = str(GUEST_BIN / "keydctl")
 
 
-@pytest.fixture(scope="module")
-def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signer]:
-    """The NAS admin's signing key (pinned in the guest's keyd.toml)."""
-    yield from make_signer(tmp_path_factory.mktemp("signer"))
-
-
-@pytest.fixture
-def keyd_stopped(guest: GuestLab) -> Iterator[None]:
-    """Stop keyd after the test, before the guest is reset."""
-    yield
-    stop_keyd(guest)
-
-
 def is_open(volume: str) -> str:
     return f"test -e /dev/mapper/keyd-{volume}-crypt && findmnt /mnt/t/{volume}"
 
@@ -59,12 +41,16 @@ def is_closed(volume: str) -> str:
     return f"! test -e /dev/mapper/keyd-{volume}-crypt && ! findmnt /mnt/t/{volume}"
 
 
-def install(guest: GuestLab, signer: Signer, volume: str, device: str, policy: str,
-            services: list[str] | None = None, units: dict[str, str] | None = None) -> None:
-    """keyd.toml with one volume (its daemon keys in ``policy``), keyd installed and started."""
+def keyd_with_volume(guest: GuestLab, signer: Signer, volume: str, disk: str, policy: str, *,
+                     iterations: int = 1000, services: list[str] | None = None,
+                     units: dict[str, str] | None = None) -> str:
+    """A LUKS2 + ext4 volume on disk ``disk`` (its daemon keys in ``policy``), keyd started on it."""
+    device = guest.disk(disk, 64)
+    format_volume(guest, device, volume_key(volume), iterations=iterations)
     install_keyd(guest, signer, config_toml(signer, volume_toml(volume, device, services, policy)),
                  units)
     start_keyd(guest)
+    return device
 
 
 def state_becomes(guest: GuestLab, volume: str, state: str, timeout: float = 120) -> bool:
@@ -80,10 +66,8 @@ def state_becomes(guest: GuestLab, volume: str, state: str, timeout: float = 120
 def test_disks_that_appear_after_the_stick_are_waited_for_even_past_member_wait(
         guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
     volume, serial, disk = "late", "RACELATE1", "RACEDISKLATE"
-    device = guest.disk(disk, 64)
-    format_volume(guest, device, volume_key(volume))
+    keyd_with_volume(guest, signer, volume, disk, "member_wait = 3\n")
     guest.detach(disk)  # as at boot: the USB stick is up, the disks still spin up
-    install(guest, signer, volume, device, "member_wait = 3\n")
     start = cursor(guest)
 
     guest.plug(make_stick(tmp_path, signer, serial, {volume: volume_key(volume)}))
@@ -99,9 +83,7 @@ def test_disks_that_appear_after_the_stick_are_waited_for_even_past_member_wait(
 def test_after_a_restart_pulling_the_stick_still_locks(
         guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
     volume, serial = "restart", "RACERESTART"
-    device = guest.disk("RACEDISKRST", 64)
-    format_volume(guest, device, volume_key(volume))
-    install(guest, signer, volume, device, "lock_on_removal = true\ngrace = 2\n")
+    keyd_with_volume(guest, signer, volume, "RACEDISKRST", "lock_on_removal = true\ngrace = 2\n")
     guest.plug(make_stick(tmp_path, signer, serial, {volume: volume_key(volume)}))
     assert wait_until(guest, is_open(volume), 180), journal_text(guest, "keyd.service")
 
@@ -119,10 +101,9 @@ def test_after_a_restart_pulling_the_stick_still_locks(
 def test_a_stick_pulled_and_put_back_during_the_unlock_keeps_the_volume_unlocked(
         guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
     volume, serial = "reinsert", "RACEREINS"
-    device = guest.disk("RACEDISKREIN", 64)
     # A slow key derivation under TCG: the unlock runs long enough to pull the stick in it.
-    format_volume(guest, device, volume_key(volume), iterations=400_000)
-    install(guest, signer, volume, device, "lock_on_removal = true\ngrace = 2\n")
+    keyd_with_volume(guest, signer, volume, "RACEDISKREIN", "lock_on_removal = true\ngrace = 2\n",
+                     iterations=400_000)
     stick = make_stick(tmp_path, signer, serial, {volume: volume_key(volume)})
     start = cursor(guest)
 
@@ -143,10 +124,8 @@ def test_a_stick_pulled_and_put_back_during_the_unlock_keeps_the_volume_unlocked
 def test_a_stale_stick_first_then_the_good_one_unlocks_with_the_second(
         guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
     volume = "twosticks"
-    device = guest.disk("RACEDISKTWO", 64)
     # Trying the stale key must outlast checking the good stick (mount, gpg) under TCG.
-    format_volume(guest, device, volume_key(volume), iterations=1_500_000)
-    install(guest, signer, volume, device, "")
+    keyd_with_volume(guest, signer, volume, "RACEDISKTWO", "", iterations=1_500_000)
     stale = make_stick(tmp_path, signer, "RACESTALE", {volume: b"the key before the re-key"})
     good = make_stick(tmp_path, signer, "RACEGOOD", {volume: volume_key(volume)})
     start = cursor(guest)
@@ -168,9 +147,7 @@ def test_a_stale_stick_first_then_the_good_one_unlocks_with_the_second(
 def test_keydctl_unlock_during_the_grace_keeps_the_volume_unlocked(
         guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
     volume, serial = "grace", "RACEGRACE"
-    device = guest.disk("RACEDISKGRC", 64)
-    format_volume(guest, device, volume_key(volume))
-    install(guest, signer, volume, device, "lock_on_removal = true\ngrace = 20\n")
+    keyd_with_volume(guest, signer, volume, "RACEDISKGRC", "lock_on_removal = true\ngrace = 20\n")
     guest.plug(make_stick(tmp_path, signer, serial, {volume: volume_key(volume)}))
     assert wait_until(guest, is_open(volume), 180), journal_text(guest, "keyd.service")
     start = cursor(guest)
@@ -193,14 +170,13 @@ def test_keydctl_unlock_during_the_grace_keeps_the_volume_unlocked(
 def test_a_service_slow_to_stop_is_waited_for_and_the_lock_completes(
         guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
     volume, serial, unit = "slow", "RACESLOW", "keyd-slow-stop.service"
-    device = guest.disk("RACEDISKSLOW", 64)
-    format_volume(guest, device, volume_key(volume))
     # It keeps its working directory on the volume until its ExecStop has taken 15 s.
     service = (f"[Unit]\nPartOf=keyd-unlocked@{volume}.target\n[Service]\n"
                f"ExecStart=/bin/sh -c 'cd /mnt/t/{volume} && exec sleep infinity'\n"
                "ExecStop=/bin/sleep 15\nTimeoutStopSec=60\n")
-    install(guest, signer, volume, device, "lock_retries = 1\nlock_retry_delay = 1\n", [unit],
-            {unit: service})
+    keyd_with_volume(guest, signer, volume, "RACEDISKSLOW",
+                     "lock_retries = 1\nlock_retry_delay = 1\n", services=[unit],
+                     units={unit: service})
     guest.plug(make_stick(tmp_path, signer, serial, {volume: volume_key(volume)}))
     assert wait_until(guest, f"{is_open(volume)} && systemctl is-active {unit}", 180), \
         journal_text(guest, "keyd.service")
@@ -216,9 +192,7 @@ def test_a_service_slow_to_stop_is_waited_for_and_the_lock_completes(
 def test_a_bind_mount_of_the_volume_refuses_the_lock_and_nothing_is_half_closed(
         guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
     volume, serial = "bound", "RACEBIND"
-    device = guest.disk("RACEDISKBIND", 64)
-    format_volume(guest, device, volume_key(volume))
-    install(guest, signer, volume, device, "lock_retries = 1\nlock_retry_delay = 1\n")
+    keyd_with_volume(guest, signer, volume, "RACEDISKBIND", "lock_retries = 1\nlock_retry_delay = 1\n")
     guest.plug(make_stick(tmp_path, signer, serial, {volume: volume_key(volume)}))
     assert wait_until(guest, is_open(volume), 180), journal_text(guest, "keyd.service")
     guest.sh(f"mkdir -p /mnt/t/export && mount --bind /mnt/t/{volume} /mnt/t/export")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from keyd_lab.daemon_setup import (
     Signer,
@@ -15,10 +12,8 @@ from keyd_lab.daemon_setup import (
     events,
     install_keyd,
     journal_text,
-    make_signer,
     make_stick,
     start_keyd,
-    stop_keyd,
     volume_key,
     volume_state,
     wait_until,
@@ -35,19 +30,6 @@ from .guest.daemon_lab import (
 # Slow enough under TCG that keyd is surely inside cryptsetup when it is killed.
 SLOW_PBKDF2_ITERATIONS = 800_000
 STORM_ROUNDS = 1000  # losetup attach + detach: 2 block uevents ("change") per round
-
-
-@pytest.fixture(scope="module")
-def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Signer]:
-    """The NAS admin's signing key (pinned in the guest's keyd.toml)."""
-    yield from make_signer(tmp_path_factory.mktemp("signer"))
-
-
-@pytest.fixture
-def keyd_stopped(guest: GuestLab) -> Iterator[None]:
-    """Stop keyd after the test, before the guest is reset."""
-    yield
-    stop_keyd(guest)
 
 
 def fully_unlocked(volume: str) -> str:
