@@ -26,8 +26,10 @@ from keyd_lab.daemon_setup import (
     volume_state,
     wait_until,
 )
+from tests.configs import luks_on_raid
 
 from .conftest import GuestLab
+from .fixtures.keydctl import create_array
 from .guest.daemon_lab import format_volume, volume_toml
 
 KEYDCTL = str(GUEST_BIN / "keydctl")
@@ -215,26 +217,9 @@ def test_an_array_udev_started_before_keyd_is_not_rolled_back(
         guest: GuestLab, signer: Signer, keyd_stopped: None) -> None:
     volume = "array"
     disks = [guest.disk(serial, 64) for serial in ("RACEMD1", "RACEMD2")]
-    guest.check(["mdadm", "--create", "/dev/md/racefmt", "--run", "--level=1", "--raid-devices=2",
-                 "--metadata=1.2", "--assume-clean", *disks], timeout=120)
-    detail = guest.check(["mdadm", "--detail", "--export", "/dev/md/racefmt"]).stdout
-    uuid = dict(line.split("=", 1) for line in detail.splitlines() if "=" in line)["MD_UUID"]
     # Started under its own name, as udev's incremental assembly does at boot.
-    config = config_toml(signer, f"""
-[volume.{volume}]
-[volume.{volume}.layer.md]
-kind = "raid"
-uuid = "{uuid}"
-[volume.{volume}.layer.crypt]
-kind = "crypt"
-type = "luks"
-below = ["md"]
-[volume.{volume}.layer.data]
-kind = "mount"
-below = ["crypt"]
-fstype = "ext4"
-mountpoint = "/mnt/t/{volume}"
-""")
+    uuid = create_array(guest, "racefmt", 1, disks)
+    config = config_toml(signer, luks_on_raid(uuid, volume=volume, mountpoint=f"/mnt/t/{volume}"))
     install_keyd(guest, signer, config)
     start = cursor(guest)
 
