@@ -56,6 +56,17 @@ class Mdadm:
                                fix="something still uses the array; see `keydctl status`") \
                 from exc
 
+    def re_add(self, label: str, device: str, member: str) -> None:
+        """``mdadm --manage DEVICE --re-add MEMBER`` (never ``--add``: that would wipe its
+        role and resync the whole member, a decision for the admin)."""
+        try:
+            self.runner.run(["mdadm", "--manage", device, "--re-add", member], timeout=60)
+        except ProgramError as exc:
+            raise StorageError(f"could not re-add {member} to {label}: {_last_line(exc)}",
+                               fix=f"`mdadm --examine {member}`; if it is stale, add it as a "
+                                   f"new member: mdadm --manage {device} --add {member}") \
+                from exc
+
 
 class Mounter:
     """The :class:`~keyd.engine.ports.MountPort` that runs mount and umount."""

@@ -90,3 +90,14 @@ class Zpool:
                 raise VolumeBusy(label, (), [f"zpool export {pool}: {_last_line(exc)}"]) from exc
             raise StorageError(f"could not export pool {pool} of {label}: {_last_line(exc)}",
                                fix=f"see `zpool status -P {pool}`") from exc
+
+    def online(self, label: str, pool: str, device: str) -> None:
+        """``zpool online POOL DEVICE``; a vdev that stays faulted is an error."""
+        try:
+            done = self.runner.run(["zpool", "online", pool, device], timeout=120)
+        except ProgramError as exc:
+            raise StorageError(f"could not bring {device} back into pool {pool} of {label}: "
+                               f"{_last_line(exc)}", fix=f"see `zpool status -P {pool}`") from exc
+        if "remains in faulted state" in done.stdout + done.stderr:
+            raise StorageError(f"{device} of {label} was onlined but pool {pool} still "
+                               "faults it", fix=f"see `zpool status -P {pool}` and `dmesg`")

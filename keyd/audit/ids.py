@@ -24,6 +24,7 @@ class AuditEvent(enum.StrEnum):
     UNLOCK_FINISHED = "unlock-finished"
     UNLOCK_FAILED = "unlock-failed"
     DEGRADED = "degraded"
+    MENDED = "mended"
     KEY_TIMEOUT = "key-timeout"
     PASSPHRASE_FALLBACK = "passphrase-fallback"  # noqa: S105 (an event name)
     GRACE_STARTED = "grace-started"
@@ -47,6 +48,7 @@ MESSAGE_IDS: dict[AuditEvent, str] = {
     AuditEvent.UNLOCK_FINISHED: "188528fdf40f4e5c9d8714031fb16725",
     AuditEvent.UNLOCK_FAILED: "895d0b57a998446599e9cab2566e8d1c",
     AuditEvent.DEGRADED: "44096c167a38423fbdcc295883a13ef0",
+    AuditEvent.MENDED: "842cf9855a8049a892322874da82bd80",
     AuditEvent.KEY_TIMEOUT: "aa60d9943d934fe8a46f40ff34954742",
     AuditEvent.PASSPHRASE_FALLBACK: "3636abbe5df44576a9666aecfd892b96",
     AuditEvent.GRACE_STARTED: "3881fe96c1b841c18c0cb2321b0511e2",

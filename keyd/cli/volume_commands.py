@@ -190,6 +190,8 @@ def _unlock(args: argparse.Namespace) -> int:
         keys.wipe()
     state = "unlocked" if outcome.changed else "already unlocked"
     print(f"volume {volume.name} {state}{_mounted(volume)}", file=env.stdout)
+    for line in outcome.mended:
+        print(f"volume {volume.name}: {line}", file=env.stdout)
     for line in outcome.degraded:
         print(f"keydctl: warning: {line}", file=env.stderr)
     return 0

@@ -112,7 +112,7 @@ class Daemon:
         has its volumes open before units ordered after keyd.service start.
         """
         for name, observed in self._observe().items():
-            self.dispatch(name, ev.Observed(observed))
+            self.dispatch(name, observed)
         for stick in present:
             self.stick_added(stick)
         self.audit(None, A.DAEMON_STARTED, f"keyd started with {len(self.volumes)} volume(s), "
@@ -129,13 +129,13 @@ class Daemon:
             callback, self._on_settled = self._on_settled, None
             callback()
 
-    def _observe(self) -> dict[str, ev.ObservedKind]:
+    def _observe(self) -> dict[str, ev.Observed]:
         try:
             reports = self.ports.engine.status(list(self.volumes.values()))
         except Exception as exc:  # the daemon must come up even if the kernel can't be read
             log.error("cannot read the kernel's state at start-up: %s", user_message(exc))
-            return dict.fromkeys(self.volumes, "locked")
-        return {report.name: workers.observed_kind(report) for report in reports}
+            return dict.fromkeys(self.volumes, ev.Observed("locked"))
+        return {report.name: workers.observed(report) for report in reports}
 
     def stop(self) -> None:
         """Cancel every timer and wipe every key held (the stacks stay as they are)."""
@@ -305,19 +305,12 @@ class Daemon:
 
     def carry(self, volume: str, effect: ef.Effect) -> None:
         """Carry out one effect the pure core asked for."""
-        vol = self.volumes[volume]
-        back = lambda event: self.dispatch(volume, event)  # noqa: E731 (a result callback)
         match effect:
-            case ef.StartUnlock(ref):
-                self.loop.run_in_worker(
-                    lambda: workers.unlock(self.ports.engine, vol, self.keys, ref), back)
-            case ef.StartLock(stop_services):
-                units = [target_unit(volume), *reversed(vol.services)] if stop_services else []
-                self.loop.run_in_worker(
-                    lambda: workers.lock(self.ports.engine, vol, self.ports.units, units), back)
-            case ef.AskPassphrase(timeout):
-                self.loop.run_in_background(
-                    lambda: workers.ask(self.ports.asker, self.keys, volume, timeout), back)
+            case ef.StartUnlock() | ef.StartLock() | ef.StartMend() | ef.AskPassphrase():
+                self._start_job(volume, effect)
+            case ef.RecheckSticks(serials):
+                for stick in [s for s in self.sticks.values() if s.key in serials]:
+                    self._try_stick(stick)
             case ef.DiscardKey(ref):
                 self.keys.discard(ref)
             case ef.ArmTimer(timer, seconds):
@@ -327,13 +320,35 @@ class Daemon:
                 if handle is not None:
                     self.loop.cancel(handle)
             case ef.StartServices():
-                self._units(volume, "start", [*vol.services, target_unit(volume)])
+                self._units(volume, "start", [*self.volumes[volume].services,
+                                              target_unit(volume)])
             case ef.KeyFailed(serial):
                 self._stick_failed(serial)
             case ef.Audit():
                 self.audit(volume, effect.event, effect.message, result=effect.result,
                            reason=effect.reason, serial=effect.serial, signer=effect.signer,
                            bundle_id=effect.bundle_id, seconds=effect.seconds)
+
+    def _start_job(self, volume: str,
+                   job: ef.StartUnlock | ef.StartLock | ef.StartMend | ef.AskPassphrase) -> None:
+        """Hand the blocking work to a worker; its result comes back as an event."""
+        vol, engine = self.volumes[volume], self.ports.engine
+        back = lambda event: self.dispatch(volume, event)  # noqa: E731 (a result callback)
+        match job:
+            case ef.StartUnlock(ref):
+                self.loop.run_in_worker(lambda: workers.unlock(engine, vol, self.keys, ref), back)
+            case ef.StartLock(stop_services):
+                units = [target_unit(volume), *reversed(vol.services)] if stop_services else []
+                self.loop.run_in_worker(
+                    lambda: workers.lock(engine, vol, self.ports.units, units), back)
+            case ef.StartMend(ref_or_none):
+                log.info("volume %s is open degraded and a disk appeared: bringing back what "
+                         "it lacks%s", volume, "" if ref_or_none else " (without a key)")
+                self.loop.run_in_worker(
+                    lambda: workers.mend(engine, vol, self.keys, ref_or_none), back)
+            case ef.AskPassphrase(timeout):
+                self.loop.run_in_background(
+                    lambda: workers.ask(self.ports.asker, self.keys, volume, timeout), back)
 
     def _arm(self, volume: str, timer: ef.Timer, seconds: float) -> None:
         old = self._timers.pop((volume, timer), None)

@@ -32,6 +32,22 @@ class StartLock:
 
 
 @dataclass(frozen=True)
+class StartMend:
+    """Bring back the sides of the open, degraded volume whose disks are here now (in a
+    worker); ``ref`` is the key for their crypt layers (None: only key-less sides)."""
+
+    ref: str | None = None
+
+
+@dataclass(frozen=True)
+class RecheckSticks:
+    """Read the plugged-in sticks with these identities again (their keys come back as
+    KeyArrived events, with the order they went in)."""
+
+    serials: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class DiscardKey:
     """Wipe and forget the key behind ``ref``."""
 
@@ -86,5 +102,5 @@ class Audit:
     seconds: float | None = None
 
 
-Effect = (StartUnlock | StartLock | DiscardKey | ArmTimer | CancelTimer | StartServices
-          | AskPassphrase | KeyFailed | Audit)
+Effect = (StartUnlock | StartLock | StartMend | RecheckSticks | DiscardKey | ArmTimer
+          | CancelTimer | StartServices | AskPassphrase | KeyFailed | Audit)

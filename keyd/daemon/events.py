@@ -20,6 +20,7 @@ class Observed:
     """Start-up reconciliation: what the kernel has of this volume right now."""
 
     state: ObservedKind
+    degraded: bool = False  # open with a side missing (a member, a zfs vdev)
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,16 @@ class UnlockSucceeded:
     """The engine opened the stack (``changed`` False: it was already open).
 
     ``degraded`` lists what the unlock accepted in a degraded state (e.g. a zfs
-    mirror imported with a side missing), one line each.
+    mirror imported with a side missing), one line each; ``mended`` what it brought
+    back into a volume already open degraded; ``still_degraded`` whether a side is
+    missing after it (read from the kernel).
     """
 
     seconds: float = 0.0
     changed: bool = True
     degraded: tuple[str, ...] = ()
+    mended: tuple[str, ...] = ()
+    still_degraded: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,22 @@ class UnlockFailed:
     """The engine could not open the stack; ``kind`` says whether the key or the members."""
 
     kind: FailureKind
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Mended:
+    """A mend job ran: ``mended`` lists the sides it brought back (none: nothing could be)."""
+
+    mended: tuple[str, ...] = ()
+    still_degraded: bool = False
+
+
+@dataclass(frozen=True)
+class MendFailed:
+    """Bringing a late side back failed; the volume stays open degraded."""
+
     reason: str
     message: str = ""
 
@@ -142,11 +163,13 @@ class PassphraseUnavailable:
     reason: str = "no answer"
 
 
-Event = (Observed | KeyArrived | BundleRejected | UnlockSucceeded | UnlockFailed | StickRemoved
-         | MemberAdded | MemberRemoved | LockRequested | LockSucceeded | LockBusy | LockFailed
-         | GraceExpired | KeyTimeout | MembersTimeout | LockRetry | PassphraseUnavailable)
+Event = (Observed | KeyArrived | BundleRejected | UnlockSucceeded | UnlockFailed | Mended
+         | MendFailed | StickRemoved | MemberAdded | MemberRemoved | LockRequested
+         | LockSucceeded | LockBusy | LockFailed | GraceExpired | KeyTimeout | MembersTimeout
+         | LockRetry | PassphraseUnavailable)
 
 ALL_EVENT_TYPES: tuple[type, ...] = (
-    Observed, KeyArrived, BundleRejected, UnlockSucceeded, UnlockFailed, StickRemoved,
+    Observed, KeyArrived, BundleRejected, UnlockSucceeded, UnlockFailed, Mended, MendFailed,
+    StickRemoved,
     MemberAdded, MemberRemoved, LockRequested, LockSucceeded, LockBusy, LockFailed,
     GraceExpired, KeyTimeout, MembersTimeout, LockRetry, PassphraseUnavailable)

@@ -19,7 +19,7 @@ from typing import Literal
 from keyd.config.model import VolumePolicy
 from keyd.daemon.events import KeyArrived, ObservedKind
 
-Job = Literal["unlock", "lock"]
+Job = Literal["unlock", "lock", "mend"]
 Grace = Literal["off", "armed", "expired"]
 Members = Literal["ok", "waiting", "gave-up"]
 
@@ -48,7 +48,7 @@ class VolumeFacts:
 
     kernel: ObservedKind = "locked"     # what is open, as last observed or left by a job
     job: Job | None = None              # the one engine job running for it
-    trying: Offer | None = None         # the key the running unlock uses
+    trying: Offer | None = None         # the key the running unlock (or mend) uses
     offers: tuple[Offer, ...] = ()      # keys waiting to be tried, oldest first
     intent: Intent | None = None        # the newest admin request, until a stick replaces it
     locked_at: int = 0                  # when the newest lock request came: sticks in before
@@ -72,11 +72,13 @@ class VolumeFacts:
     refused: bool = False               # a lock gave up (busy or failed): not retried by itself
     rollback: bool = False              # the running lock closes a half-open stack from a crash
     warning: str = ""
+    degraded: bool = False              # open with a side missing: mended when disks appear
+    mended_at: int | None = None        # ``devices`` at the last mend (or unlock)
 
 
 def state_name(facts: VolumeFacts) -> str:
     """The state keyd reports (D-Bus, ``keydctl status``), derived from the facts."""
-    if facts.job is not None:
+    if facts.job in ("unlock", "lock"):
         return "unlocking" if facts.job == "unlock" else "locking"
     if facts.kernel == "unlocked":
         return "unlocked"

@@ -50,6 +50,10 @@ class VolumeEngine(Protocol):
         """Close the stack."""
         ...
 
+    def mend(self, volume: Volume, keys: KeySource) -> Outcome:
+        """Bring back the missing sides of an open, degraded stack."""
+        ...
+
     def status(self, volumes: Sequence[Volume]) -> list[VolumeReport]:
         """Each volume's state from the kernel."""
         ...

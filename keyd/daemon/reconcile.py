@@ -17,6 +17,10 @@ The goal, in order (keyd(8), "How keyd decides"):
    bundle for it verified is plugged in any more and the grace has passed (with two
    such sticks in, pulling one changes nothing);
 5. otherwise the kernel's state is kept: keyd never closes what nobody asked it to.
+
+A volume open degraded is mended (its missing sides brought back) whenever a disk
+appears and no lock is wanted: the sticks that verified for it and are still in are
+read again for the key the sides' crypt layers need; no key outlives its job.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from keyd.daemon.effects import (
     DiscardKey,
     Effect,
     KeyFailed,
+    RecheckSticks,
     StartLock,
+    StartMend,
     StartServices,
     StartUnlock,
     Timer,
@@ -96,6 +102,9 @@ def reconcile(facts: VolumeFacts, policy: VolumePolicy) -> Result:
         facts, more = _towards_locked(facts)
     else:
         more = []
+    if target != "locked" and facts.job is None:
+        facts, mend = _mend(facts)
+        more += mend
     return facts, effects + asked + more
 
 
@@ -137,16 +146,35 @@ def _towards_unlocked(facts: VolumeFacts, policy: VolumePolicy) -> Result:
         return facts, []
     rest = tuple(o for o in facts.offers if o != offer)
     if facts.kernel == "unlocked" and not one_shot(offer):
-        # Already open (a restart, or the stick is back): the stick now holds it open.
-        return replace(facts, offers=rest, opened_by=facts.opened_by or offer.serial), [
-            DiscardKey(offer.ref)]
+        # Already open (a restart, or the stick is back): the stick now holds it open; on a
+        # degraded volume its key opens the missing sides whose disks are here.
+        held = replace(facts, offers=rest, opened_by=facts.opened_by or offer.serial)
+        if facts.degraded:
+            return replace(held, job="mend", trying=offer, mended_at=held.devices), [
+                StartMend(offer.ref)]
+        return held, [DiscardKey(offer.ref)]
     # A request's key is tried even on an open volume: the engine compares with the
     # kernel, where `keydctl lock --direct` may have closed the stack behind keyd's back.
-    return replace(facts, job="unlock", trying=offer, offers=rest), [
+    # A disk that appears while the unlock runs may be a side it could not see: mend then.
+    return replace(facts, job="unlock", trying=offer, offers=rest, mended_at=facts.devices), [
         StartUnlock(offer.ref),
         Audit(A.UNLOCK_STARTED, f"unlocking with a key from {offer.source}"
               + (f" ({offer.by})" if offer.by else ""), reason=offer.by, serial=offer.serial,
               signer=offer.signer, bundle_id=offer.bundle_id)]
+
+
+def _mend(facts: VolumeFacts) -> Result:
+    """An open, degraded volume tries to bring its sides back whenever a disk appeared.
+
+    Their crypt layers need the key: the sticks that verified for the volume and are still
+    in are read again (their keys were wiped after the unlock), and each key that comes
+    back is another try.
+    """
+    if not (facts.degraded and facts.kernel == "unlocked" and facts.mended_at != facts.devices):
+        return facts, []
+    recheck: list[Effect] = [RecheckSticks(tuple(sorted(facts.holders)))] if facts.holders \
+        else []
+    return replace(facts, job="mend", mended_at=facts.devices), [StartMend(None), *recheck]
 
 
 def _towards_locked(facts: VolumeFacts) -> Result:
@@ -167,7 +195,7 @@ def _towards_locked(facts: VolumeFacts) -> Result:
 
 def _observed(facts: VolumeFacts, event: ev.Observed, policy: VolumePolicy) -> Result:
     if event.state == "unlocked":
-        return replace(facts, kernel="unlocked", booting=False), [
+        return replace(facts, kernel="unlocked", booting=False, degraded=event.degraded), [
             StartServices(), Audit(A.RECONCILED, "found unlocked at start-up", result="unlocked")]
     if event.state == "partial":
         return replace(facts, kernel="partial"), [
@@ -177,7 +205,9 @@ def _observed(facts: VolumeFacts, event: ev.Observed, policy: VolumePolicy) -> R
 
 def _key_arrived(facts: VolumeFacts, event: ev.KeyArrived, policy: VolumePolicy) -> Result:
     holders = facts.holders | ({event.serial} if event.source == "stick" and event.serial else set())
-    if event.source == "stick" and (not policy.auto_unlock or event.seq < facts.locked_at):
+    mending = facts.kernel == "unlocked" and facts.degraded
+    if event.source == "stick" and not mending and (
+            not policy.auto_unlock or event.seq < facts.locked_at):
         # Sticks don't unlock this volume, or this one was in before the admin locked it.
         return replace(facts, holders=holders), [DiscardKey(event.ref)]
     # The newest action wins: a stick inserted after a request replaces it, a D-Bus
@@ -216,7 +246,7 @@ def _unlock_succeeded(facts: VolumeFacts, event: ev.UnlockSucceeded,
     facts = replace(facts, kernel="unlocked", job=None, trying=None, booting=False,
                     offers=tuple(o for o in facts.offers if one_shot(o)), opened_by=opened_by,
                     members="ok", failure="", failed=False, blocked_at=None, warning="",
-                    refused=False)
+                    refused=False, degraded=event.still_degraded)
     done = Audit(A.UNLOCK_FINISHED, "unlocked" if event.changed else "was already unlocked",
                  result="unlocked" if event.changed else "already-unlocked", serial=used.serial,
                  signer=used.signer, bundle_id=used.bundle_id, seconds=event.seconds)
@@ -225,7 +255,29 @@ def _unlock_succeeded(facts: VolumeFacts, event: ev.UnlockSucceeded,
                 for line in event.degraded]
     return facts, [DiscardKey(used.ref), *[DiscardKey(o.ref) for o in sticks],
                    CancelTimer(Timer.KEY), CancelTimer(Timer.MEMBERS), done, *degraded,
-                   StartServices()]
+                   *_mended(event.mended), StartServices()]
+
+
+def _mended(lines: tuple[str, ...]) -> list[Effect]:
+    return [Audit(A.MENDED, f"brought back: {line}", result="mended") for line in lines]
+
+
+def _mend_done(facts: VolumeFacts, event: ev.Mended, policy: VolumePolicy) -> Result:
+    return replace(facts, job=None, trying=None, degraded=event.still_degraded), [
+        *_forget_trying(facts), *_mended(event.mended)]
+
+
+def _mend_failed(facts: VolumeFacts, event: ev.MendFailed, policy: VolumePolicy) -> Result:
+    # The volume stays open degraded; another stick's key, or the next disk, is another try.
+    return replace(facts, job=None, trying=None), [
+        *_forget_trying(facts),
+        Audit(A.MENDED, f"could not bring a side back: {event.message or event.reason}",
+              result="mend-failed", reason=event.reason,
+              serial=facts.trying.serial if facts.trying else None)]
+
+
+def _forget_trying(facts: VolumeFacts) -> list[Effect]:
+    return [DiscardKey(facts.trying.ref)] if facts.trying is not None else []
 
 
 def _unlock_failed(facts: VolumeFacts, event: ev.UnlockFailed, policy: VolumePolicy) -> Result:
@@ -274,7 +326,7 @@ def _lock_succeeded(facts: VolumeFacts, event: ev.LockSucceeded, policy: VolumeP
         effects.append(ArmTimer(Timer.KEY, policy.key_timeout))
     return replace(facts, kernel="locked", job=None, opened_by=None, grace="off", failure="",
                    failed=False, lock_attempts=0, retry_due=False, rollback=False,
-                   recheck=False, warning=""), effects
+                   recheck=False, warning="", degraded=False, mended_at=None), effects
 
 
 def _lock_busy(facts: VolumeFacts, event: ev.LockBusy, policy: VolumePolicy) -> Result:
@@ -363,6 +415,7 @@ def _nothing(facts: VolumeFacts, event: Any, policy: VolumePolicy) -> Result:
 _APPLY: dict[type, Callable[[VolumeFacts, Any, VolumePolicy], Result]] = {
     ev.Observed: _observed, ev.KeyArrived: _key_arrived, ev.BundleRejected: _bundle_rejected,
     ev.UnlockSucceeded: _unlock_succeeded, ev.UnlockFailed: _unlock_failed,
+    ev.Mended: _mend_done, ev.MendFailed: _mend_failed,
     ev.StickRemoved: _stick_removed, ev.MemberAdded: _member_added, ev.MemberRemoved: _nothing,
     ev.LockRequested: _lock_requested, ev.LockSucceeded: _lock_succeeded,
     ev.LockBusy: _lock_busy, ev.LockFailed: _lock_failed, ev.GraceExpired: _grace_expired,

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from keyd.config.model import CryptLayer, Volume
+from keyd.config.model import CryptLayer, RaidLayer, Volume, ZfsLayer
 from keyd.daemon import events as ev
 from keyd.daemon.keystore import KeyStore
 from keyd.daemon.ports import PassphraseAsker, UnitManager, VolumeEngine
@@ -47,6 +47,11 @@ def reason_code(error: BaseException) -> str:
     return "INTERNAL_ERROR"
 
 
+def observed(report: VolumeReport) -> ev.Observed:
+    """The start-up event for one volume's report."""
+    return ev.Observed(observed_kind(report), degraded=report.state == "unlocked (degraded)")
+
+
 def observed_kind(report: VolumeReport) -> ev.ObservedKind:
     """What is open of a volume, as far as keyd is concerned.
 
@@ -64,13 +69,29 @@ def key_names(volume: Volume) -> list[str]:
                               if isinstance(layer, CryptLayer)))
 
 
+def _keys(volume: Volume, store: KeyStore, ref: str | None) -> MappingKeys:
+    """The key behind ``ref`` for each key name (one bundle key serves them all)."""
+    if ref is None:
+        return MappingKeys({})
+    secret = store.get(ref).secret
+    return MappingKeys({name: secret.buffer for name in key_names(volume)})
+
+
+def still_degraded(engine: VolumeEngine, volume: Volume) -> bool:
+    """Whether the open volume lacks a side now (only arrays and pools can)."""
+    if not any(isinstance(layer, RaidLayer | ZfsLayer) for layer in volume.layers):
+        return False
+    try:
+        return engine.status([volume])[0].state == "unlocked (degraded)"
+    except Exception:  # cannot tell: assume so, a mend that finds nothing to do is harmless
+        return True
+
+
 def unlock(engine: VolumeEngine, volume: Volume, store: KeyStore, ref: str) -> ev.Event:
-    """Open ``volume`` with the key behind ``ref`` (one bundle key serves each key name)."""
+    """Open ``volume`` with the key behind ``ref``."""
     started = time.monotonic()
     try:
-        secret = store.get(ref).secret
-        keys = MappingKeys({name: secret.buffer for name in key_names(volume)})
-        outcome = engine.unlock(volume, keys)
+        outcome = engine.unlock(volume, _keys(volume, store, ref))
     except DevicesMissing as exc:  # disks still appearing at boot: wait for them like members
         return ev.UnlockFailed("members", "DEVICE_MISSING", user_message(exc))
     except DegradedRefused as exc:
@@ -83,7 +104,19 @@ def unlock(engine: VolumeEngine, volume: Volume, store: KeyStore, ref: str) -> e
         if not isinstance(exc, KeydError):
             log.exception("unlock of %s failed unexpectedly", volume.name)
         return ev.UnlockFailed("error", reason_code(exc), user_message(exc))
-    return ev.UnlockSucceeded(time.monotonic() - started, outcome.changed, outcome.degraded)
+    return ev.UnlockSucceeded(time.monotonic() - started, outcome.changed, outcome.degraded,
+                              outcome.mended, still_degraded(engine, volume))
+
+
+def mend(engine: VolumeEngine, volume: Volume, store: KeyStore, ref: str | None) -> ev.Event:
+    """Bring back what the open, degraded ``volume`` lacks and can get now."""
+    try:
+        outcome = engine.mend(volume, _keys(volume, store, ref))
+    except Exception as exc:  # a worker must always report back
+        if not isinstance(exc, KeydError):
+            log.exception("mending %s failed unexpectedly", volume.name)
+        return ev.MendFailed(reason_code(exc), user_message(exc))
+    return ev.Mended(outcome.mended, still_degraded(engine, volume))
 
 
 def lock(engine: VolumeEngine, volume: Volume, units: UnitManager,

@@ -201,7 +201,9 @@ def _zfs(volume: Volume, layer: Layer, observed: ObservedState,
     pool = observed.pool(layer.pool, layer.guid)
     if pool is None:
         return LayerStatus(layer.name, "zfs", detail=f"pool {layer.label} not imported")
-    foreign = [v.path for v in pool.vdevs if vdev_layer(volume, layer, v.path, observed) is None]
+    # A side missing since the pool was made (its old path, UNAVAIL) is absent, not foreign.
+    foreign = [v.path for v in pool.vdevs if vdev_layer(volume, layer, v.path, observed) is None
+               and v.state not in ABSENT_VDEV_STATES]
     if foreign or not pool.vdevs:
         return LayerStatus(layer.name, "zfs", pool=pool, problem=(
             f"a pool {pool.name} (guid {pool.guid}) is imported from devices that are not this "
@@ -215,6 +217,10 @@ def _zfs(volume: Volume, layer: Layer, observed: ObservedState,
                        mountpoint=pool.altroot or None,
                        degraded=pool.health != "ONLINE", pool=pool,
                        detail=f"pool {pool.name} {pool.health}{scan}")
+
+
+# Leaf vdev states of a side zfs cannot use: it is missing, not someone else's device.
+ABSENT_VDEV_STATES = ("UNAVAIL", "REMOVED", "FAULTED", "OFFLINE")
 
 
 def vdev_layer(volume: Volume, layer: ZfsLayer, path: str, observed: ObservedState) -> str | None:

@@ -33,8 +33,10 @@ from keyd.engine.plan import (
     ImportPool,
     LayerRef,
     Mount,
+    OnlineVdev,
     OpenCrypt,
     Plan,
+    ReAddMember,
     Source,
     Step,
     StopRaid,
@@ -104,10 +106,12 @@ class Executor:
     records: PoolRecordPort = field(default_factory=MemoryRecords)
     # What the last unlock had to accept, e.g. a pool imported DEGRADED (said to the user).
     degraded: list[str] = field(default_factory=list)
+    # The mirror sides the last unlock brought back into an open, degraded volume.
+    mended: list[str] = field(default_factory=list)
 
     def unlock(self, volume: Volume, plan: Plan) -> dict[str, str]:
         """Run an unlock plan; return layer -> device (zfs: pool name) for every open layer."""
-        self.degraded = []
+        self.degraded, self.mended = [], []
         run = _Run(devices=dict(plan.devices))
         try:
             for step in plan.steps:
@@ -151,6 +155,9 @@ class Executor:
         elif isinstance(step, ImportPool):
             self._import(step, run, label)
             return
+        elif isinstance(step, OnlineVdev | ReAddMember):
+            self._mend(step, run, label)
+            return
         run.opened.append((step, device))
         run.devices[_layer_name(step)] = device or ""
 
@@ -169,6 +176,18 @@ class Executor:
                                       "unlocking again, or set degraded = \"always\"")
         log.warning("%s", text)
         self.degraded.append(text)
+
+    def _mend(self, step: OnlineVdev | ReAddMember, run: _Run, label: str) -> None:
+        if isinstance(step, OnlineVdev):
+            device = _resolve(step.source, run)
+            _zfs(self.storage).online(label, step.pool, device)
+            self.mended.append(f"{step.layer} ({device}) is back in zfs pool {step.pool}; "
+                               "zfs resilvers it")
+        else:
+            self.storage.raid.re_add(label, step.device, step.member)
+            self.mended.append(f"{step.member} was re-added to md array {step.device} of "
+                               f"{label}")
+        log.warning("%s", self.mended[-1])
 
     def _note_degraded_array(self, volume: Volume, step: AssembleRaid, label: str) -> None:
         """An array started with members missing (the policy allowed it) is reported degraded."""

@@ -1,6 +1,9 @@
 """Pure planning: which steps bring a volume up (bottom-up) or down (top-down).
 
-Layers already open are skipped, so unlocking twice plans nothing. Locking
+Layers already open are skipped, so unlocking twice plans nothing, except
+that a mirror side missing when the volume was opened degraded is brought back
+once its disk is there (a zfs vdev opened and onlined, an md member re-added):
+unlocking an open volume mends it. Locking
 plans to close only what keyd owns. A layer with something in its way (a
 foreign mapping on its device, another filesystem on its mountpoint) stops the
 unlock before anything is touched.
@@ -9,7 +12,7 @@ unlock before anything is touched.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from keyd.config.model import (
     CryptLayer,
@@ -20,7 +23,7 @@ from keyd.config.model import (
     Volume,
     ZfsLayer,
 )
-from keyd.engine.assess import LayerStatus, assess, image_path
+from keyd.engine.assess import LayerStatus, assess, image_path, vdev_layer
 from keyd.engine.errors import DegradedRefused, DevicesMissing, StorageError
 from keyd.engine.names import dm_name, md_name
 from keyd.engine.observed import MdArray, ObservedState
@@ -197,8 +200,37 @@ class ExportPool:
         return f"exporting zfs pool {self.pool}"
 
 
+@dataclass(frozen=True)
+class OnlineVdev:
+    """``zpool online`` a vdev whose crypt layer was shut when the pool was imported."""
+
+    layer: str          # the vdev's crypt layer
+    pool: str
+    source: LayerRef
+    slow = False
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        return f"bringing {self.layer} back into zfs pool {self.pool}"
+
+
+@dataclass(frozen=True)
+class ReAddMember:
+    """``mdadm --re-add`` a member that was missing when the array was started."""
+
+    layer: str
+    device: str         # the running array
+    member: str
+    slow = False
+
+    def describe(self) -> str:
+        """One line for progress output."""
+        return f"re-adding {self.member} to {self.device} ({self.layer})"
+
+
 Step = (WaitForMembers | AssembleRaid | OpenCrypt | AttachLoop | Mount
-        | Unmount | DetachLoop | CloseCrypt | StopRaid | ImportPool | ExportPool)
+        | Unmount | DetachLoop | CloseCrypt | StopRaid | ImportPool | ExportPool
+        | OnlineVdev | ReAddMember)
 
 
 @dataclass(frozen=True)
@@ -232,9 +264,21 @@ def plan_unlock(volume: Volume, observed: ObservedState,
         if status.open and status.device is not None:
             _check_running_degraded(volume, layer, status)
             devices[layer.name] = status.device
+            steps.extend(_mend_steps(layer, status, statuses, observed, skipped))
             continue
         steps.extend(_open_steps(volume, layer, status, observed, skipped))
     return Plan(volume.name, tuple(steps), devices)
+
+
+def mend_only(plan: Plan) -> Plan:
+    """Only the steps that bring late sides back, and none if anything else is shut.
+
+    Mending never opens a volume: one that someone closed (even in part) stays so.
+    """
+    sides = {step.layer for step in plan.steps if isinstance(step, OnlineVdev)}
+    mending = tuple(step for step in plan.steps if isinstance(step, OnlineVdev | ReAddMember)
+                    or (isinstance(step, OpenCrypt) and step.layer.name in sides))
+    return replace(plan, steps=mending if len(mending) == len(plan.steps) else ())
 
 
 def _check_running_degraded(volume: Volume, layer: Layer, status: LayerStatus) -> None:
@@ -247,6 +291,24 @@ def _check_running_degraded(volume: Volume, layer: Layer, status: LayerStatus) -
             fix="re-add the missing member (mdadm --manage DEVICE --re-add MEMBER) or stop the "
                 "array; `systemctl mask mdadm-last-resort@.timer` keeps Debian from starting "
                 "arrays degraded")
+
+
+def _mend_steps(layer: Layer, status: LayerStatus, statuses: Mapping[str, LayerStatus],
+                observed: ObservedState, skipped: Mapping[str, str]) -> list[Step]:
+    """Bring back the sides of an open, degraded layer whose devices are here now."""
+    if not status.degraded:
+        return []
+    if isinstance(layer, ZfsLayer) and status.pool is not None:
+        return [OnlineVdev(name, status.pool.name, LayerRef(name)) for name in layer.below
+                if name not in skipped and not statuses[name].open]
+    if isinstance(layer, RaidLayer) and status.device is not None:
+        array = observed.md_with_uuid(layer.uuid)
+        found = observed.members_of(layer.uuid)
+        inside = set(array.members) if array is not None else set()
+        return [ReAddMember(layer.name, status.device, path) for path in
+                (found.devices if found is not None else ())
+                if path.rpartition("/")[2] not in inside]
+    return []
 
 
 def vdev_keys(volume: Volume) -> set[str]:
@@ -263,9 +325,8 @@ def _zfs_skips(volume: Volume, statuses: Mapping[str, LayerStatus], observed: Ob
     for layer in volume.layers:
         if not isinstance(layer, ZfsLayer):
             continue
-        if statuses[layer.name].open:  # imported degraded earlier: zfs would not use them now
-            skips.update({name: "the pool is imported without it" for name in layer.below
-                          if not statuses[name].open})
+        if statuses[layer.name].open:  # imported degraded earlier: mended if they can open now
+            skips.update(_late_sides_shut(volume, layer, statuses, observed, available))
             continue
         missing = {name: why for name in layer.below
                    if (why := _unavailable(volume.layer(name), statuses[name], observed,
@@ -274,6 +335,28 @@ def _zfs_skips(volume: Volume, statuses: Mapping[str, LayerStatus], observed: Ob
             raise _degraded_refused(volume, layer, missing)
         skips.update(missing)
     return skips
+
+
+def _late_sides_shut(volume: Volume, layer: ZfsLayer, statuses: Mapping[str, LayerStatus],
+                     observed: ObservedState, available: Collection[str] | None) -> dict[str, str]:
+    """Shut lower layers of an imported pool that stay shut now (layer -> why).
+
+    zfs knows a missing vdev by the path it last had: only a side keyd had open before
+    (its mapping's path) can be onlined into a pool keyd imported; one missing since the
+    pool was made is found again by the next import (lock, then unlock).
+    """
+    status = statuses[layer.name]
+    known = {vdev_layer(volume, layer, vdev.path, observed)
+             for vdev in (status.pool.vdevs if status.pool else ())}
+    shut: dict[str, str] = {}
+    for name in layer.below:
+        if statuses[name].open:
+            continue
+        why = ("the pool is imported without it" if not status.owned or name not in known
+               else _unavailable(volume.layer(name), statuses[name], observed, available))
+        if why:
+            shut[name] = why
+    return shut
 
 
 def _unavailable(lower: Layer, status: LayerStatus, observed: ObservedState,
@@ -403,5 +486,6 @@ def undo_step(step: Step, device: str | None) -> Step | None:
         return Unmount(step.layer, step.mountpoint)
     if isinstance(step, ImportPool):
         return ExportPool(step.volume, step.layer.name, device or step.layer.label)
-    # Waiting changes nothing; a started array that udev had assembled is left running.
+    # Waiting changes nothing; a started array that udev had assembled is left running;
+    # a side brought back stays (the rollback closes its crypt layer, which zfs then faults).
     return None

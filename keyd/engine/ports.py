@@ -40,6 +40,10 @@ class RaidPort(Protocol):
         """Stop the array."""
         ...
 
+    def re_add(self, label: str, device: str, member: str) -> None:
+        """Put a member that was missing back into the running array ``device``."""
+        ...
+
 
 class MountPort(Protocol):
     """Mounts and unmounts filesystems."""
@@ -95,6 +99,10 @@ class ZfsPort(Protocol):
 
     def export_pool(self, label: str, pool: str) -> None:
         """Export ``pool``; a busy pool raises VolumeBusy."""
+        ...
+
+    def online(self, label: str, pool: str, device: str) -> None:
+        """Bring vdev ``device`` of the imported ``pool`` online (zfs resilvers it)."""
         ...
 
 

@@ -17,7 +17,7 @@ from keyd.engine.keys import KeyInventory, NoKeys
 from keyd.engine.lockfile import DEFAULT_RUN_DIR, VolumeLock
 from keyd.engine.observe import Observer
 from keyd.engine.observed import ObservedState
-from keyd.engine.plan import plan_lock, plan_unlock
+from keyd.engine.plan import Plan, mend_only, plan_lock, plan_unlock
 from keyd.engine.pool_records import PoolRecords
 from keyd.engine.ports import HolderPort, ServicePort, Storage
 from keyd.engine.status import VolumeReport, report
@@ -27,13 +27,15 @@ from keyd.engine.status import VolumeReport, report
 class Outcome:
     """What an unlock or lock did: ``changed`` is False when there was nothing to do.
 
-    ``degraded`` says what an unlock accepted (a zfs pool imported DEGRADED), one line each.
+    ``degraded`` says what an unlock accepted (a zfs pool imported DEGRADED), one line each;
+    ``mended`` what it brought back into a volume that was open degraded.
     """
 
     volume: str
     changed: bool
     devices: Mapping[str, str] = field(default_factory=dict)
     degraded: tuple[str, ...] = ()
+    mended: tuple[str, ...] = ()
 
 
 @dataclass
@@ -65,15 +67,26 @@ class Engine:
         """Open what is not open yet; on failure everything this run opened is closed again."""
         with VolumeLock(self.run_dir, volume.name, timeout=self.lock_timeout):
             plan = plan_unlock(volume, self.observe([volume]), _available(volume, keys))
-            devices = dict(plan.devices)
-            degraded: tuple[str, ...] = ()
-            if plan.steps:
-                executor = self._executor(keys)
-                devices = executor.unlock(volume, plan)
-                degraded = tuple(executor.degraded)
+            outcome = self._run(volume, plan, keys)
             if start_services:
                 self.services.start(volume.services)
-        return Outcome(volume.name, bool(plan.steps), devices, degraded)
+        return outcome
+
+    def mend(self, volume: Volume, keys: KeySource) -> Outcome:
+        """Bring back the sides an open, degraded volume lacks whose disks are here now
+        (``keys`` for their crypt layers); never opens anything else."""
+        with VolumeLock(self.run_dir, volume.name, timeout=self.lock_timeout):
+            plan = plan_unlock(volume, self.observe([volume]), _available(volume, keys))
+            return self._run(volume, mend_only(plan), keys)
+
+    def _run(self, volume: Volume, plan: Plan, keys: KeySource) -> Outcome:
+        """Execute ``plan``; ``changed`` only if it opened more than the missing sides."""
+        if not plan.steps:
+            return Outcome(volume.name, False, dict(plan.devices))
+        executor = self._executor(keys)
+        devices = executor.unlock(volume, plan)
+        return Outcome(volume.name, mend_only(plan).steps != plan.steps, devices,
+                       tuple(executor.degraded), tuple(executor.mended))
 
     def lock(self, volume: Volume, *, force: bool = False) -> Outcome:
         """Close what keyd opened, unless something still uses it (``force`` stops services)."""

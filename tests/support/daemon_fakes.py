@@ -31,10 +31,14 @@ from keyd.trust.secret import SecretBytes
 CONFIG = parse_config(textwrap.dedent("""
     [volume.tank]
     services = ["smbd.service"]
+    [volume.tank.layer.md0]
+    kind = "raid"
+    uuid = "6b8b4567327b23c6643c986966334873"
+    degraded = "always"
     [volume.tank.layer.crypt0]
     kind = "crypt"
     type = "luks"
-    device = "/dev/disk/by-uuid/aaaa"
+    below = ["md0"]
     [volume.tank.layer.data]
     kind = "mount"
     below = ["crypt0"]
@@ -115,7 +119,9 @@ class FakeEngine:
 
     ``absent``: volumes whose disks are not there (unlock: DevicesMissing); ``held``: volumes
     a process keeps busy (lock: VolumeBusy) until the test lets go; ``changes`` records each
-    real open and close, for checking the audit against the kernel.
+    real open and close (and mend), for checking the audit against the kernel. ``late``:
+    volumes whose mirror side's disk is not there: they open degraded (``degraded``), and
+    a mend (or unlock) with the right key once it is there brings the side back.
     """
 
     open: set[str] = field(default_factory=set)
@@ -127,6 +133,8 @@ class FakeEngine:
     absent: set[str] = field(default_factory=set)
     held: set[str] = field(default_factory=set)
     changes: list[tuple[str, str]] = field(default_factory=list)
+    late: set[str] = field(default_factory=set)
+    degraded: set[str] = field(default_factory=set)
 
     def unlock(self, volume: Volume, keys: KeySource, *, start_services: bool = False) -> Outcome:
         """Open if the key is GOOD_KEY (or fail with the next scripted error)."""
@@ -136,15 +144,42 @@ class FakeEngine:
         changed = volume.name not in self.open
         if changed and volume.name in self.absent:
             raise DevicesMissing(f"cannot unlock volume {volume.name}: device is not present")
-        layer = next(layer for layer in volume.layers if layer.kind == "crypt")
-        key = keys.key(volume.name, layer.key, layer)
-        self.keys_seen.append(bytes(key))
-        if changed and bytes(key) != GOOD_KEY:
+        key = self._key(volume, keys)
+        if changed and key != GOOD_KEY:
             raise KeyRejected(f"wrong key for volume {volume.name}")
         if changed:
             self.changes.append(("open", volume.name))
-        self.open.add(volume.name)
-        return Outcome(volume.name, changed)
+            self.open.add(volume.name)
+            if volume.name in self.late:
+                self.degraded.add(volume.name)
+                return Outcome(volume.name, True, degraded=("pool DEGRADED (without side)",))
+        mended = self._mend(volume, key)
+        return Outcome(volume.name, changed, mended=mended)
+
+    def mend(self, volume: Volume, keys: KeySource) -> Outcome:
+        """Bring the late side back if its disk is here and the key is right."""
+        self.calls.append(f"mend {volume.name}")
+        layer = next(layer for layer in volume.layers if layer.kind == "crypt")
+        has = getattr(keys, "has", lambda name: True)
+        key = self._key(volume, keys) if has(layer.key) else None
+        mended = self._mend(volume, key)
+        return Outcome(volume.name, bool(mended), mended=mended)
+
+    def _key(self, volume: Volume, keys: KeySource) -> bytes:
+        layer = next(layer for layer in volume.layers if layer.kind == "crypt")
+        key = bytes(keys.key(volume.name, layer.key, layer))
+        self.keys_seen.append(key)
+        return key
+
+    def _mend(self, volume: Volume, key: bytes | None) -> tuple[str, ...]:
+        name = volume.name
+        if name not in self.degraded or name in self.late or key is None:
+            return ()
+        if key != GOOD_KEY:
+            raise KeyRejected(f"wrong key for the late side of volume {name}")
+        self.degraded.discard(name)
+        self.changes.append(("mend", name))
+        return ("side is back in the pool",)
 
     def lock(self, volume: Volume, *, force: bool = False) -> Outcome:
         """Close, unless the next scripted busy flag (or a holder) says busy."""
@@ -155,6 +190,7 @@ class FakeEngine:
         if changed:
             self.changes.append(("close", volume.name))
         self.open.discard(volume.name)
+        self.degraded.discard(volume.name)
         self.partial.discard(volume.name)
         return Outcome(volume.name, changed)
 
@@ -169,7 +205,8 @@ class FakeEngine:
         bottom = LayerStatus("crypt0", "crypt", open=name in self.open | self.partial, owned=True)
         top = LayerStatus("data", "mount", open=name in self.open,
                           problem="device missing" if name in self.conflict else None)
-        state = ("unlocked" if name in self.open else "partial" if name in self.partial
+        state = ("unlocked (degraded)" if name in self.degraded else
+                 "unlocked" if name in self.open else "partial" if name in self.partial
                  else "conflict" if name in self.conflict else "locked")
         return VolumeReport(name, state, (top, bottom), volume.services)
 

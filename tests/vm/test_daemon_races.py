@@ -3,7 +3,8 @@
 Each test sets up one LUKS2 + ext4 volume (or RAID1 under it), installs keyd.service and
 drives the moment that used to lose intent: disks after the stick, a restart before the
 pull, a pull and re-insert during an unlock, a stale stick before a good one, `keydctl
-unlock` during the grace, a service slow to stop, a bind mount, an array udev started.
+unlock` during the grace, a service slow to stop, a bind mount, an array udev started,
+and a mirror side (a zfs vdev, an md member) whose disk comes after the unlock.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from keyd_lab.daemon_setup import (
     volume_state,
     wait_until,
 )
-from tests.configs import luks_on_raid
+from tests.configs import LUKS, luks_on_raid, zfs_on_crypt
 
 from .conftest import GuestLab
-from .fixtures.keydctl import create_array
+from .fixtures.keydctl import create_array, stop_array
+from .fixtures.zfs import export_all, pools
 from .guest.daemon_lab import format_volume, volume_toml
 
 KEYDCTL = str(GUEST_BIN / "keydctl")
@@ -229,3 +231,74 @@ def test_an_array_udev_started_before_keyd_is_not_rolled_back(
     assert "reconciled" not in trail and "lock-started" not in trail, trail
     assert guest.run(["test", "-e", "/dev/md/racefmt"]).rc == 0  # left as udev made it
     assert volume_state(guest, volume) == "waiting-for-key"
+
+
+def test_a_zfs_mirror_side_whose_disk_comes_late_is_brought_back_online(
+        guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
+    volume, pool, serial, key = "mirror", "racepool", "RACEMIRROR", volume_key("mirror")
+    disks = [guest.disk(name, 96) for name in ("RACEZFS1", "RACEZFS2")]
+    for i, disk in enumerate(disks):
+        guest.check(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf",
+                     "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file=-", disk],
+                    input=key, timeout=180)
+        guest.check(["cryptsetup", "open", "--key-file=-", disk, f"keyd-{volume}-c{i + 1}"],
+                    input=key)
+    guest.check(["modprobe", "zfs"], timeout=120)
+    # Made on the mappings' names keyd gives them: zfs knows a side that is missing later
+    # by that path, as it does once keyd has had the pool open whole.
+    guest.check(["zpool", "create", "-f", "-o", "ashift=9", "-O", f"mountpoint=/mnt/t/{pool}",
+                 pool, "mirror", f"/dev/mapper/keyd-{volume}-c1", f"/dev/mapper/keyd-{volume}-c2"],
+                timeout=120)
+    guest.sh(f"echo kept > /mnt/t/{pool}/data && zpool export {pool} && "
+             f"cryptsetup close keyd-{volume}-c1 && cryptsetup close keyd-{volume}-c2", timeout=120)
+    config = zfs_on_crypt(volume, {"c1": disks[0], "c2": disks[1]}, pool=pool, crypt=LUKS,
+                          degraded="always")
+    install_keyd(guest, signer, config_toml(signer, config))
+    start_keyd(guest)
+    guest.detach("RACEZFS2")
+    start = cursor(guest)
+    try:
+        guest.plug(make_stick(tmp_path, signer, serial, {volume: key}))
+        assert state_becomes(guest, volume, "unlocked"), journal_text(guest, "keyd.service")
+        assert pools(guest) == {pool: "DEGRADED"}
+
+        guest.reattach("RACEZFS2")
+
+        assert wait_until(guest, f"zpool list -H -o health {pool} | grep -qx ONLINE", 120), \
+            journal_text(guest, "keyd.service") + guest.sh(
+                f"zpool status -P {pool}; ls -l /dev/disk/by-id; {KEYDCTL} status --json")
+        guest.check(["zpool", "wait", "-t", "resilver", pool], timeout=300)
+        assert guest.check(["cat", f"/mnt/t/{pool}/data"]).stdout == "kept\n"
+        records = audit_records(guest, start)
+        mended = [r for r in records if r["KEYD_EVENT"] == "mended"]
+        assert [r["KEYD_RESULT"] for r in mended] == ["mended"], events(records, volume)
+        assert "c2 (/dev/mapper/keyd-mirror-c2) is back in zfs pool racepool" in \
+            mended[0]["MESSAGE"]
+    finally:
+        export_all(guest, [pool])
+
+
+def test_an_md_member_whose_disk_comes_late_is_re_added(
+        guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
+    volume, serial = "mdlate", "RACEMDLATE"
+    disks = [guest.disk(name, 64) for name in ("RACEMDL1", "RACEMDL2")]
+    uuid = create_array(guest, "mdlatefmt", 1, disks, bitmap=True)
+    format_volume(guest, "/dev/md/mdlatefmt", volume_key(volume))
+    stop_array(guest, "mdlatefmt")
+    config = luks_on_raid(uuid, volume=volume, mountpoint=f"/mnt/t/{volume}", degraded="always")
+    install_keyd(guest, signer, config_toml(signer, config))
+    start_keyd(guest)
+    guest.detach("RACEMDL2")
+    start = cursor(guest)
+
+    guest.plug(make_stick(tmp_path, signer, serial, {volume: volume_key(volume)}))
+    assert state_becomes(guest, volume, "unlocked"), journal_text(guest, "keyd.service")
+    assert "[2/1]" in guest.check(["cat", "/proc/mdstat"]).stdout
+    guest.reattach("RACEMDL2")
+
+    assert wait_until(guest, "grep -q '\\[2/2\\]' /proc/mdstat", 120), \
+        guest.check(["cat", "/proc/mdstat"]).stdout + journal_text(guest, "keyd.service")
+    records = audit_records(guest, start)
+    mended = [r for r in records if r["KEYD_EVENT"] == "mended"]
+    assert [r["KEYD_RESULT"] for r in mended] == ["mended"], events(records, volume)
+    assert "was re-added to md array" in mended[0]["MESSAGE"]

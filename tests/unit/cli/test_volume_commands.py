@@ -63,6 +63,9 @@ class FakeStack:
         self.log.append("stop")
         self.md.clear()
 
+    def re_add(self, label: str, device: str, member: str) -> None:
+        raise AssertionError("not used")
+
     def open(self, volume: str, layer: CryptLayer, device: str, dm_name: str,
              key: bytes | bytearray) -> str:
         if bytes(key).rstrip(b"\n") != self.right_key:

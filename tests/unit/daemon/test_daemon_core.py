@@ -286,3 +286,38 @@ def test_other_storage_errors_fail_with_their_code() -> None:
     h.loop.run()
     assert h.state("tank") == "failed"
     assert [r.reason for r in h.sink.records if r.event == "unlock-failed"] == ["STORAGE_ERROR"]
+
+
+def test_a_late_mirror_side_is_brought_back_with_the_key_of_the_stick_still_in() -> None:
+    h = harness()
+    h.engine.late.add("tank")
+    h.sticks.reports += [accepted("tank"), accepted("tank")]
+    h.daemon.start([STICK])
+    h.loop.run()
+    assert h.state("tank") == "unlocked" and h.engine.degraded == {"tank"}
+    assert len(h.daemon.keys) == 0  # no key is kept for later
+
+    h.engine.late.discard("tank")
+    h.daemon.handle_uevent(MemberAdded("/dev/sdd"))
+    h.loop.run()
+
+    assert h.sticks.checked == [STICK.devnode, STICK.devnode]  # read again for the side's key
+    assert h.engine.calls[-2:] == ["mend tank", "mend tank"]  # key-less first, then with it
+    assert h.engine.degraded == set() and h.state("tank") == "unlocked"
+    mended = h.sink.records[-1]
+    assert (mended.event, mended.result, mended.message) == (
+        "mended", "mended", "volume tank: brought back: side is back in the pool")
+    assert len(h.daemon.keys) == 0
+
+
+def test_a_degraded_volume_without_a_stick_tries_only_key_less_sides() -> None:
+    h = harness()
+    h.engine.late.add("tank")
+    h.daemon.start([])
+    h.daemon.request_unlock("tank", SecretBytes(GOOD_KEY), "uid 0")
+    h.loop.run()
+    h.engine.late.discard("tank")
+    h.daemon.handle_uevent(MemberAdded("/dev/sdd"))
+    h.loop.run()
+    assert h.engine.calls[-1] == "mend tank" and h.engine.degraded == {"tank"}
+    assert "mended" not in h.events()

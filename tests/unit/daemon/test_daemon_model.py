@@ -14,7 +14,9 @@ timer fired), from a reference model of who did what, in which order (the newest
 - an admin unlock with the right key newer than any lock, disks there since: unlocked;
 - an admin lock newer than every stick and request (nothing holding it busy): locked;
 - lock_on_removal, a stick inserted last and every stick with a verifying bundle for the
-  volume pulled since: locked (unless it is still open from before any stick opened it).
+  volume pulled since: locked (unless it is still open from before any stick opened it);
+- open degraded (a mirror side's disk was missing), that disk back and a valid stick for
+  the volume in: the side is back (and audited ``mended``).
 """
 
 from __future__ import annotations
@@ -134,6 +136,16 @@ class DaemonModel(RuleBasedStateMachine):
         self.h.engine.absent.discard(volume)
         self.h.daemon.handle_uevent(MemberAdded(f"/dev/disk-{volume}"))
 
+    @rule()
+    def mirror_side_goes(self) -> None:
+        """One disk of tank's array is unplugged: tank opens degraded from now on."""
+        self.h.engine.late.add("tank")
+
+    @rule()
+    def mirror_side_comes(self) -> None:
+        self.h.engine.late.discard("tank")
+        self.h.daemon.handle_uevent(MemberAdded("/dev/side-tank"))
+
     @rule(volume=st.sampled_from(VOLUMES), busy=st.booleans())
     def hold(self, volume: str, busy: bool) -> None:
         (self.h.engine.held.add if busy else self.h.engine.held.discard)(volume)
@@ -206,8 +218,11 @@ class DaemonModel(RuleBasedStateMachine):
                       and r.result == "unlocked"]
             closed = [r for r in records if r.volume == volume and r.event == "lock-finished"
                       and r.result != "already-locked"]
+            mended = [r for r in records if r.volume == volume and r.event == "mended"
+                      and r.result == "mended"]
             assert len(opened) == self.h.engine.changes.count(("open", volume))
             assert len(closed) == self.h.engine.changes.count(("close", volume))
+            assert len(mended) == self.h.engine.changes.count(("mend", volume))
 
     @rule()
     def settle(self) -> None:
@@ -229,6 +244,9 @@ class DaemonModel(RuleBasedStateMachine):
                             and s.kind != "rejected"), default=0)
         why = (volume, (lock, unlock, wrong, newest_stick), self.present,
                self.h.daemon.facts[volume])
+        if is_open and volume not in self.h.engine.late and any(
+                s.kind == "valid" for s in self._holders(volume)):
+            assert volume not in self.h.engine.degraded, why  # the late side is back
         if wrong > max(lock, unlock, newest_stick):
             return  # the newest thing asked was a wrong key: nothing to expect
         if (fresh and disks) or (unlock > max(lock, newest_stick) and not self.gap[volume]):

@@ -18,6 +18,7 @@ from keyd.engine.plan import (
     Mount,
     OpenCrypt,
     Plan,
+    ReAddMember,
     StopRaid,
     Unmount,
     WaitForMembers,
@@ -72,6 +73,9 @@ class FakeKernel:
 
     def stop(self, label: str, device: str) -> None:
         self._do(f"stop {device}")
+
+    def re_add(self, label: str, device: str, member: str) -> None:
+        self._do(f"re-add {member} to {device}")
 
     def mount(self, label: str, source: str, mountpoint: str, fstype: str,
               options: Sequence[str]) -> None:
@@ -275,6 +279,15 @@ def test_taking_over_an_inactive_array_stops_it_and_rollback_stops_only_the_asse
         executor(kernel).unlock(volume(), plan)
     assert kernel.events == ["stop /dev/md127", "assemble keyd-tank-md0 /dev/sdb,/dev/sdc run=True",
                              "stop /dev/md/keyd-tank-md0"]
+
+
+def test_a_late_member_is_re_added_and_said() -> None:
+    kernel = FakeKernel()
+    run = executor(kernel)
+    run.unlock(volume(), Plan("tank", (ReAddMember("md0", "/dev/md127", "/dev/sdd"),)))
+    assert kernel.events == ["re-add /dev/sdd to /dev/md127"]
+    assert run.mended == ["/dev/sdd was re-added to md array /dev/md127 of layer md0 of volume "
+                          "tank"]
 
 
 LOCK = Plan("tank", (Unmount("data", "/srv/tank"), CloseCrypt("crypt0", "keyd-tank-crypt0"),

@@ -23,6 +23,7 @@ from keyd.engine.plan import (
     LayerRef,
     Mount,
     OpenCrypt,
+    ReAddMember,
     StopRaid,
     Unmount,
     WaitForMembers,
@@ -131,6 +132,18 @@ def test_an_array_started_degraded_outside_keyd_follows_the_policy(policy: str,
     else:
         assert kinds(plan_unlock(seed001(policy), observed(md=(running,))).steps) == \
             ["OpenCrypt", "Mount"]
+
+
+def test_a_member_that_comes_back_to_a_degraded_array_is_re_added() -> None:
+    degraded = MdArray("md127", UUID, "/dev/md/keyd-tank-md0", "clean", "raid5", 3, 1,
+                       members=("sdb", "sdc"))
+    plan = plan_unlock(seed001("always"), observed(md=(degraded,), raid_members=(MEMBERS3,)))
+    assert plan.steps[0] == ReAddMember("md0", "/dev/md127", "/dev/sdd")
+    assert kinds(plan.steps[1:]) == ["OpenCrypt", "Mount"]
+    whole = MdArray("md127", UUID, "/dev/md/keyd-tank-md0", "clean", "raid5", 3, 0,
+                    members=("sdb", "sdc", "sdd"))
+    assert kinds(plan_unlock(seed001("always"), observed(md=(whole,), raid_members=(MEMBERS3,))
+                             ).steps) == ["OpenCrypt", "Mount"]
 
 
 def test_inactive_array_gathered_by_udev_is_stopped_and_assembled_under_keyds_name() -> None:

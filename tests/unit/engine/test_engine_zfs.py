@@ -17,6 +17,8 @@ from keyd.engine.plan import (
     CloseCrypt,
     ExportPool,
     ImportPool,
+    LayerRef,
+    OnlineVdev,
     OpenCrypt,
     plan_lock,
     plan_unlock,
@@ -92,10 +94,25 @@ def test_degraded_always_opens_what_it_can_and_imports_degraded() -> None:
     assert "DEGRADED, without tc2" in plan.steps[1].describe()
 
 
-def test_a_pool_imported_degraded_is_left_as_it_is() -> None:
-    degraded = replace(IMPORTED, dm=MAPPINGS[:1], pools=(pool("DEGRADED"),))
-    plan = plan_unlock(seed002("always"), degraded, {"k1", "k2"})
-    assert plan.steps == ()  # opening tc2 now would leave a mapping the pool does not use
+DEGRADED_ONE_SIDE = replace(IMPORTED, dm=MAPPINGS[:1], pools=(pool("DEGRADED"),))
+
+
+def test_a_pool_imported_degraded_gets_its_late_side_back() -> None:
+    plan = plan_unlock(seed002("always"), DEGRADED_ONE_SIDE, {"k1", "k2"})
+    assert kinds(plan.steps) == ["OpenCrypt", "OnlineVdev"]
+    assert plan.steps[1] == OnlineVdev("tc2", "secretpool", LayerRef("tc2"))
+    assert plan.devices == {"tc1": TC1, "pool": "secretpool"}
+
+
+@pytest.mark.parametrize(("observed", "available"), [
+    (replace(DEGRADED_ONE_SIDE, paths={"/dev/vdb": "vdb"}), {"k1", "k2"}),  # disk still gone
+    (DEGRADED_ONE_SIDE, {"k1"}),                                             # no key for it
+    (replace(DEGRADED_ONE_SIDE, keyd_pools={}), {"k1", "k2"}),              # not keyd's import
+])
+def test_a_late_side_that_cannot_open_leaves_the_pool_as_it_is(
+        observed: ObservedState, available: set[str]) -> None:
+    plan = plan_unlock(seed002("always"), observed, available)
+    assert plan.steps == ()
     assert plan.devices == {"tc1": TC1, "pool": "secretpool"}
 
 
@@ -213,6 +230,9 @@ class FakeZfsKernel:
     def export_pool(self, label: str, pool: str) -> None:
         self._do(f"export {pool}")
 
+    def online(self, label: str, pool: str, device: str) -> None:
+        self._do(f"online {pool} {device}")
+
     def holders(self, paths: Sequence[str]) -> list[Holder]:
         self.events.append(f"holders {' '.join(paths)}")
         return [h for h in self.busy if any(h.path.startswith(p) for p in paths)]
@@ -276,6 +296,33 @@ def test_degraded_import_under_always_is_said() -> None:
     assert kernel.events == ["open keyd-secret-tc1", "import secretpool"]
     assert run.degraded == ["zfs pool secretpool of layer pool of volume secret was imported "
                             "DEGRADED (without tc2)"]
+
+
+def test_a_side_missing_since_the_pool_was_made_is_absent_not_foreign() -> None:
+    # zfs names the missing vdev by the path it had when the pool was created.
+    made = ZfsPool("secretpool", GUID, "DEGRADED", (PoolVdev(TC1, "ONLINE"),
+                                                     PoolVdev("/dev/mapper/truecrypt2", "UNAVAIL")))
+    observed = replace(DEGRADED_ONE_SIDE, pools=(made,))
+    status = assess(seed002("always"), observed)["pool"]
+    assert status.open and status.degraded and status.problem is None
+    # keyd cannot online it under another name: the next import (lock, unlock) finds it.
+    assert plan_unlock(seed002("always"), observed, {"k1", "k2"}).steps == ()
+
+
+def test_a_late_side_is_opened_and_onlined_and_said() -> None:
+    kernel, records = FakeZfsKernel(), MemoryRecords()
+    run = executor(kernel, records)
+    run.unlock(seed002("always"), plan_unlock(seed002("always"), DEGRADED_ONE_SIDE))
+    assert kernel.events == ["open keyd-secret-tc2", f"online secretpool {TC2}"]
+    assert run.mended == [f"tc2 ({TC2}) is back in zfs pool secretpool; zfs resilvers it"]
+
+
+def test_a_late_side_zfs_refuses_is_closed_again() -> None:
+    kernel = FakeZfsKernel(fail={f"online secretpool {TC2}": StorageError("cannot online")})
+    with pytest.raises(StorageError, match="cannot online"):
+        executor(kernel, MemoryRecords()).unlock(
+            seed002("always"), plan_unlock(seed002("always"), DEGRADED_ONE_SIDE))
+    assert kernel.events == ["open keyd-secret-tc2", "close keyd-secret-tc2"]
 
 
 def test_lock_exports_forgets_the_record_and_closes() -> None:

@@ -83,6 +83,9 @@ class Kernel:
     def export_pool(self, label: str, pool: str) -> None:
         self.events.append(f"export {pool}")
 
+    def online(self, label: str, pool: str, device: str) -> None:
+        self.events.append(f"online {pool} {device}")
+
     def holders(self, paths: Sequence[str]) -> list[Any]:
         return []
 
