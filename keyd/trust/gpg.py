@@ -6,10 +6,17 @@ log goes to ``/dev/null`` during verification so the status stream holds
 nothing but ``[GNUPG:]`` lines, and the web of trust is switched off
 (``--trust-model always``): keyd pins signers itself. Expired and revoked
 keys are still reported by gpg in that mode (EXPKEYSIG, REVKEYSIG).
+
+gpg runs as root and reads its home's configuration (``gpg.conf`` can name
+programs for gpg to run, ``gpg-agent.conf`` a pinentry): a home, or a file in
+it, that anyone but root could write is refused before gpg ever starts, and
+gpg is told to read no option file (``--no-options``).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +27,8 @@ import gnupg
 from keyd.trust.errors import BundleRejected, Reason, TrustError
 from keyd.trust.secret import SecretBytes
 
-GPG_OPTIONS = ["--trust-model", "always", "--no-auto-key-retrieve", "--no-greeting"]
+GPG_OPTIONS = ["--no-options", "--trust-model", "always", "--no-auto-key-retrieve",
+               "--no-greeting"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,23 @@ class KeyDecryptor(Protocol):
         ...
 
 
+def check_home_safe(home: Path, euid: int | None = None) -> None:
+    """Refuse a GnuPG home that someone other than us (root) could change.
+
+    The home itself and every file directly in it (the configuration and the key rings)
+    must be owned by us and not writable by group or others.
+    """
+    me = os.geteuid() if euid is None else euid
+    for path in [home, *sorted(home.iterdir())]:
+        info = path.lstat()
+        if info.st_uid != me or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise TrustError(Reason.UNSAFE_GNUPGHOME,
+                             f"keyd's GnuPG home is not safe: {path} is owned by uid "
+                             f"{info.st_uid} with mode {stat.filemode(info.st_mode)}; gpg runs "
+                             "as root and would read it", subject=str(path),
+                             fix=f"chown -R {me}:{me} {home} && chmod -R go-w {home}")
+
+
 class GnuPG:
     """gpg operations in one GnuPG home (verify, decrypt, and for enrollment sign/encrypt)."""
 
@@ -57,6 +82,7 @@ class GnuPG:
                              subject=str(home),
                              fix=f"mkdir -m 0700 {home} and import the signers' public keys "
                                  f"with gpg --homedir {home} --import")
+        check_home_safe(home)
         self.home = str(home)
         # gpg inherits the caller's environment (Debian 12's python-gnupg 0.4.9 cannot set
         # one): --homedir, which python-gnupg always passes, picks the home and its agent

@@ -4,8 +4,9 @@ gpg's own verdict (exit code, web of trust) is not used: gpg exits 0 for a
 signature by an expired or revoked key. keyd accepts a signature only when
 every signature group (from one ``NEWSIG`` to the next) has a ``GOODSIG`` and
 a ``VALIDSIG`` whose *primary-key* fingerprint (VALIDSIG's tenth field) is
-pinned in ``signers``, and no group carries a refusing status. The strings
-come from gpg's doc/DETAILS.
+pinned in ``signers``, made with a hash of the SHA-2 family (VALIDSIG's eighth
+field: gpg still verifies SHA-1 signatures, and SHA-1 collisions are practical),
+and no group carries a refusing status. The strings come from gpg's doc/DETAILS.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ PREFIX = "[GNUPG:] "
 _KEYWORD = re.compile(r"[A-Z][A-Z0-9_]*\Z")
 # VALIDSIG <fpr> <date> <ts> <expire> <ver> <reserved> <pkalgo> <hashalgo> <class> <primary-fpr>
 _VALIDSIG_PRIMARY = 9
+_VALIDSIG_HASH = 7
+# OpenPGP hash algorithm ids (RFC 4880, 9.4): SHA256, SHA384, SHA512, SHA224.
+STRONG_HASHES = {"8": "SHA256", "9": "SHA384", "10": "SHA512", "11": "SHA224"}
+_WEAK_NAMES = {"1": "MD5", "2": "SHA1", "3": "RIPEMD160"}
 
 # Checked in this order, so the most specific reason wins when gpg emits several.
 _REFUSALS: tuple[tuple[str, Reason, str], ...] = (
@@ -91,6 +96,13 @@ def _primary(group: Sequence[StatusLine]) -> str:
     if primary is None:
         raise SignatureRejected(Reason.MALFORMED_STATUS,
                                 "gpg's VALIDSIG primary-key fingerprint is not hexadecimal")
+    algo = valid[0].args[_VALIDSIG_HASH]
+    if algo not in STRONG_HASHES:
+        name = _WEAK_NAMES.get(algo, f"hash algorithm {algo}")
+        raise SignatureRejected(Reason.WEAK_SIGNATURE_HASH,
+                                f"the manifest is signed with {name}, which keyd does not accept",
+                                fix="sign again with SHA-256 or stronger (`keydctl enroll` does; "
+                                    "by hand: gpg --digest-algo SHA512)")
     return primary
 
 

@@ -148,3 +148,19 @@ def test_any_text_parses_or_raises_a_typed_error(text: str) -> None:
         assert exc.reason is Reason.MALFORMED_STATUS
     else:
         assert all(line.keyword for line in lines)
+
+
+@pytest.mark.parametrize(("algo", "name"), [("2", "SHA1"), ("1", "MD5"), ("3", "RIPEMD160"),
+                                            ("99", "hash algorithm 99")])
+def test_a_signature_made_with_a_weak_hash_is_refused(algo: str, name: str) -> None:
+    status = GOOD.replace(" 22 8 00 ", f" 22 {algo} 00 ")
+    with pytest.raises(SignatureRejected) as caught:
+        decide(parse_status(status), [PRIMARY])
+    assert caught.value.reason is Reason.WEAK_SIGNATURE_HASH
+    assert f"signed with {name}" in str(caught.value)
+
+
+@pytest.mark.parametrize("algo", ["8", "9", "10", "11"])
+def test_sha2_signatures_are_accepted(algo: str) -> None:
+    assert decide(parse_status(GOOD.replace(" 22 8 00 ", f" 22 {algo} 00 ")), [PRIMARY]) == \
+        PRIMARY
