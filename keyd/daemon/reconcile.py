@@ -303,8 +303,9 @@ def _wrong_key(facts: VolumeFacts, used: Offer, policy: VolumePolicy, failed: Au
     effects: list[Effect] = [DiscardKey(used.ref), failed]
     if used.source == "stick" and used.serial is not None:
         effects.append(KeyFailed(used.serial))
+    # The request this key answered is done; a newer one (its key still on offer) stands.
     intent = None if used.source == "dbus" and facts.intent is not None \
-        and facts.intent.kind == "unlock" else facts.intent
+        and facts.intent.kind == "unlock" and facts.intent.seq == used.seq else facts.intent
     return replace(facts, intent=intent, failure="wrong key",
                    want_passphrase=used.source == "passphrase" and policy.passphrase), effects
 

@@ -321,3 +321,22 @@ def test_a_degraded_volume_without_a_stick_tries_only_key_less_sides() -> None:
     h.loop.run()
     assert h.engine.calls[-1] == "mend tank" and h.engine.degraded == {"tank"}
     assert "mended" not in h.events()
+
+
+def test_a_wrong_request_key_does_not_cancel_a_newer_request() -> None:
+    # On an open, degraded volume a request's key is tried on the late side: a wrong one
+    # fails there, and must not take the newer (right) request's hold with it.
+    h = harness(lock_on_removal=True, grace=5.0)
+    h.engine.late.add("tank")
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.start([STICK])
+    h.loop.run()
+    h.engine.late.discard("tank")
+    h.daemon.handle_uevent(StickGone(STICK.devnode))
+    h.daemon.request_unlock("tank", SecretBytes(b"not the key"), "uid 0")
+    h.daemon.request_unlock("tank", SecretBytes(GOOD_KEY), "uid 0")
+    h.loop.run()
+    h.loop.advance(10.0)
+    h.loop.run()
+    assert "tank" in h.engine.open and h.engine.degraded == set()
+    assert "lock-started" not in h.events()
