@@ -18,7 +18,7 @@ from pathlib import Path
 
 from keyd.fingerprint import normalize_fingerprint
 from keyd.trust.atomic import write_atomic
-from keyd.trust.errors import Reason, TrustError
+from keyd.trust.errors import ManifestError, Reason, TrustError
 from keyd.trust.gpg import GnuPG
 from keyd.trust.manifest import (
     MANIFEST_NAME,
@@ -87,6 +87,22 @@ def merge(existing: Manifest | None, entry: KeyEntry, created: datetime) -> Mani
                    created=created.replace(microsecond=0))
 
 
+def readable(directory: Path, manifest: bytes) -> None:
+    """Refuse to write a manifest every keyd would refuse (too large, too many revocations).
+
+    Each enrollment carries the replaced bundles' ids forward as revocations, so a bundle
+    directory re-enrolled for years outgrows what keyd reads from a stick.
+    """
+    try:
+        parse_manifest(manifest)
+    except ManifestError as exc:
+        raise TrustError(exc.reason, f"the manifest in {directory} would be refused by keyd: "
+                         f"{exc}", subject=str(directory),
+                         fix=f"start a new bundle: move {directory}/{MANIFEST_NAME}* away (keyd "
+                             "already refuses the retired bundles by their generation once it "
+                             "has seen a newer one; revoke lost sticks by serial)") from exc
+
+
 class Enroller:
     """Writes bundles with a GnuPG home that holds the signing key."""
 
@@ -108,6 +124,7 @@ class Enroller:
                   else bytes(key.buffer))
         entry = new_entry(request, stored, generation)
         manifest_bytes = render_manifest(merge(existing, entry, now))
+        readable(directory, manifest_bytes)
         signature = self.gpg.sign_detached(manifest_bytes, request.signing_key)
         # Key first, signature last: a crash leaves a bundle that fails verification, not a
         # bundle that verifies with a stale key.

@@ -23,8 +23,11 @@ from keyd.trust.tomlw import toml_table
 # A bundle id or a serial (udev's ID_SERIAL_SHORT): no spaces or quotes, bounded.
 _TOKEN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,127}\Z")
 _FIELDS = ("bundle_ids", "serials", "signers")
-MAX_ENTRIES = 4096
-MAX_FILE_BYTES = 1 << 20
+MAX_ENTRIES = 4096          # per list, in a manifest (read from a stick: hostile input)
+# keyd's own files (the admin's revocation file, what keyd learned from manifests) only ever
+# grow; they are root's, so their limit only bounds memory and never locks the box out.
+MAX_FILE_ENTRIES = 1 << 16
+MAX_FILE_BYTES = 8 << 20
 
 
 def valid_token(text: str) -> bool:
@@ -53,14 +56,18 @@ class Revocations:
         return bool(self.bundle_ids or self.serials or self.signers)
 
 
-def revocations_from_table(table: Any, where: str) -> Revocations:
-    """Validate a ``{bundle_ids, serials, signers}`` table; raise ManifestError naming ``where``."""
+def revocations_from_table(table: Any, where: str, limit: int = MAX_ENTRIES) -> Revocations:
+    """Validate a ``{bundle_ids, serials, signers}`` table; raise ManifestError naming ``where``.
+
+    ``limit``: entries allowed per list.
+    """
     if not isinstance(table, dict):
         raise _bad(where, "must be a table")
     unknown = sorted(set(table) - set(_FIELDS))
     if unknown:
         raise _bad(where, f"unknown key {unknown[0]!r} (allowed: {', '.join(_FIELDS)})")
-    values = {name: _string_list(table.get(name, []), f"{where}.{name}") for name in _FIELDS}
+    values = {name: _string_list(table.get(name, []), f"{where}.{name}", limit)
+              for name in _FIELDS}
     signers = set()
     for text in values["signers"]:
         fpr = normalize_fingerprint(text)
@@ -75,11 +82,11 @@ def revocations_from_table(table: Any, where: str) -> Revocations:
                        frozenset(signers))
 
 
-def _string_list(value: Any, where: str) -> list[str]:
+def _string_list(value: Any, where: str, limit: int) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise _bad(where, "must be a list of strings")
-    if len(value) > MAX_ENTRIES:
-        raise _bad(where, f"has more than {MAX_ENTRIES} entries")
+    if len(value) > limit:
+        raise _bad(where, f"has more than {limit} entries")
     return value
 
 
@@ -94,7 +101,7 @@ def parse_revocations(data: bytes, source: str) -> Revocations:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
         raise _bad(source, f"not valid UTF-8 TOML ({type(exc).__name__})") from None
     table.pop("format", None)
-    return revocations_from_table(table, source)
+    return revocations_from_table(table, source, MAX_FILE_ENTRIES)
 
 
 def render_revocations(revoked: Revocations) -> bytes:

@@ -6,7 +6,10 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from keyd.trust.enroll import EnrollRequest, merge, new_entry, next_generation
+import pytest
+
+from keyd.trust.enroll import EnrollRequest, merge, new_entry, next_generation, readable
+from keyd.trust.errors import TrustError
 from keyd.trust.manifest import KeyEntry, Manifest, parse_manifest, render_manifest
 from keyd.trust.revocation import Revocations
 
@@ -54,3 +57,12 @@ def test_merge_replaces_the_volume_and_revokes_its_old_bundle() -> None:
 def test_merge_into_nothing_starts_a_manifest() -> None:
     assert merge(None, ENTRY, WHEN) == Manifest((ENTRY,), Revocations(),
                                                 WHEN.replace(microsecond=0))
+
+
+def test_a_manifest_keyd_would_refuse_is_never_written(tmp_path: Path) -> None:
+    carried = Revocations(frozenset(f"retired-bundle-{n:06d}" for n in range(3000)))
+    manifest = Manifest((ENTRY,), carried, datetime(2026, 12, 3, tzinfo=UTC))
+    with pytest.raises(TrustError, match="would be refused by keyd") as caught:
+        readable(tmp_path, render_manifest(manifest))
+    assert "move" in str(caught.value.fix) and "away" in str(caught.value.fix)
+    readable(tmp_path, render_manifest(replace(manifest, revocations=Revocations())))

@@ -27,6 +27,14 @@ def test_missing_revocation_file_revokes_nothing(tmp_path: Path) -> None:
     assert not Revocations()
 
 
+def test_learned_revocations_past_the_manifest_cap_still_load(tmp_path: Path) -> None:
+    # A long-lived box learns more revocations than one manifest may carry: its own file
+    # must not lock every stick out.
+    many = Revocations(frozenset(f"bundle-{n}" for n in range(5000)))
+    save_revocations(tmp_path / "learned.toml", many)
+    assert load_revocations(tmp_path / "learned.toml") == many
+
+
 def test_revocation_file_round_trips(tmp_path: Path) -> None:
     revoked = Revocations(frozenset({"tank-1"}), frozenset({"SERIAL_1"}), frozenset({FPR}))
     save_revocations(tmp_path / "etc" / "revoked.toml", revoked)
