@@ -34,6 +34,7 @@ class AuditEvent(enum.StrEnum):
     LOCK_FAILED = "lock-failed"
     SERVICES_FAILED = "services-failed"
     DBUS_DENIED = "dbus-denied"
+    STATE_NOT_SAVED = "state-not-saved"
 
 
 MESSAGE_IDS: dict[AuditEvent, str] = {
@@ -58,6 +59,7 @@ MESSAGE_IDS: dict[AuditEvent, str] = {
     AuditEvent.LOCK_FAILED: "8d56af1f57054fe598353ae3194b0a6d",
     AuditEvent.SERVICES_FAILED: "8bf859282432479295d51cebc7719615",
     AuditEvent.DBUS_DENIED: "a468564e8a6a49148e3585a5950f913c",
+    AuditEvent.STATE_NOT_SAVED: "f32570e8a31247309c0ea5956f8da53b",
 }
 
 EVENT_BY_ID: dict[str, AuditEvent] = {value: key for key, value in MESSAGE_IDS.items()}

@@ -32,6 +32,7 @@ from keyd.engine.errors import KeyRejected
 from keyd.engine.lockfile import DEFAULT_RUN_DIR
 from keyd.engine.status import render_table, to_json
 from keyd.errors import ConfigError, KeydError
+from keyd.trust.settings import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
     from keyd.engine.keys import FileKeys, PromptKeys
@@ -246,6 +247,7 @@ def _doctor(args: argparse.Namespace) -> int:
     findings += doctor.check_devices(config, env.observer.observe(config.volumes))
     findings += doctor.check_last_resort(config, env.root)
     findings.append(doctor.check_run_dir(args.run_dir))
+    findings.append(doctor.check_state_dir(DEFAULT_STATE_DIR))
     print(doctor.render(findings), end="", file=env.stdout)
     return 1 if any(f.status == "fail" for f in findings) else 0
 

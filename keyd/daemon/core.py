@@ -53,7 +53,7 @@ TIMER_EVENTS: dict[ef.Timer, ev.Event] = {
     ef.Timer.GRACE: ev.GraceExpired(), ef.Timer.KEY: ev.KeyTimeout(),
     ef.Timer.MEMBERS: ev.MembersTimeout(), ef.Timer.LOCK_RETRY: ev.LockRetry()}
 _WARN = {A.UNLOCK_FAILED, A.LOCK_BUSY, A.LOCK_FAILED, A.BUNDLE_REJECTED, A.BACKOFF, A.DEGRADED,
-         A.KEY_TIMEOUT, A.SERVICES_FAILED, A.DBUS_DENIED}
+         A.KEY_TIMEOUT, A.SERVICES_FAILED, A.DBUS_DENIED, A.STATE_NOT_SAVED}
 
 
 def target_unit(volume: str) -> str:
@@ -159,7 +159,7 @@ class Daemon:
         """Update one volume's facts with ``event``, reconcile, carry out the effects."""
         before = self.facts[volume]
         if isinstance(event, ev.UnlockSucceeded) and before.trying is not None:
-            self._commit(before.trying.ref)
+            self._commit(volume, before.trying.ref)
         after, effects = step(before, event, self.policy(volume))
         self.facts[volume] = after
         if state_name(after) != state_name(before):
@@ -291,7 +291,9 @@ class Daemon:
                    f"{self.backoff.delay(count):.0f} s", serial=key, result="armed",
                    reason=f"{count} failures")
 
-    def _commit(self, ref: str) -> None:
+    def _commit(self, volume: str, ref: str) -> None:
+        """Record what the used bundle teaches; a failure is audited, never silent: the
+        replay guard does not advance until it is fixed."""
         try:
             held = self.keys.get(ref)
             if held.report is not None:
@@ -299,7 +301,10 @@ class Daemon:
         except KeyError:
             return
         except KeydError as exc:
-            log.error("cannot record the accepted bundle's generation: %s", user_message(exc))
+            self.audit(volume, A.STATE_NOT_SAVED, "cannot record the accepted bundle's "
+                       f"generation and revocations (retired sticks are not refused until it "
+                       f"is fixed): {user_message(exc)}", result="not-saved",
+                       reason="STATE_ERROR")
 
     # -- effects ---------------------------------------------------------------------------
 

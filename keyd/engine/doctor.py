@@ -214,15 +214,29 @@ def check_last_resort(config: Config, root: Path) -> list[Finding]:
                     f"systemctl mask {LAST_RESORT}")]
 
 
-def check_run_dir(run_dir: str) -> Finding:
-    """The lock directory exists and is writable (or can be created)."""
-    existing = run_dir
+def _writable(path: str) -> bool:
+    """``path`` is a writable directory, or the nearest existing parent is (keyd creates it)."""
+    existing = path
     while not os.path.exists(existing) and existing not in ("", "/"):
         existing = os.path.dirname(existing)
-    if os.path.isdir(existing) and os.access(existing, os.W_OK):
+    return os.path.isdir(existing) and os.access(existing, os.W_OK)
+
+
+def check_run_dir(run_dir: str) -> Finding:
+    """The lock directory exists and is writable (or can be created)."""
+    if _writable(run_dir):
         return Finding("ok", "run dir", f"{run_dir} is usable for volume locks")
     return Finding("fail", "run dir", f"{run_dir} is not writable",
                    "run keydctl as root, or pass --run-dir DIR")
+
+
+def check_state_dir(state_dir: str) -> Finding:
+    """keyd can record accepted generations and learned revocations (the replay guard)."""
+    if _writable(state_dir):
+        return Finding("ok", "state", f"{state_dir} is writable (the replay guard's records)")
+    return Finding("fail", "state", f"{state_dir} is not writable: keyd cannot record accepted "
+                                    "generations, so a retired stick would be accepted again",
+                   f"make {state_dir} a writable directory for root (it must survive reboots)")
 
 
 def render(findings: Sequence[Finding]) -> str:

@@ -270,8 +270,12 @@ class FakeSticks:
         self.handed_out.append(report)
         return report
 
+    commit_error: KeydError | None = None
+
     def commit(self, report: StickReport) -> None:
-        """Record which volumes were committed."""
+        """Record which volumes were committed (or fail with ``commit_error``)."""
+        if self.commit_error is not None:
+            raise self.commit_error
         self.committed.append(tuple(v.entry.volume for v in report.accepted))
 
 

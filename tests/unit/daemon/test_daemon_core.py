@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from keyd.daemon.uevents import MemberAdded, StickAdded, StickGone, StickInfo
 from keyd.engine.errors import DegradedRefused, DevicesMissing, StorageError
+from keyd.errors import KeydError
 from keyd.trust.errors import Reason
 from keyd.trust.secret import SecretBytes
 from tests.support.daemon_fakes import GOOD_KEY, STICK, FakeLoop, accepted, harness, rejected
@@ -340,3 +341,16 @@ def test_a_wrong_request_key_does_not_cancel_a_newer_request() -> None:
     h.loop.run()
     assert "tank" in h.engine.open and h.engine.degraded == set()
     assert "lock-started" not in h.events()
+
+
+def test_a_generation_that_cannot_be_recorded_is_audited_and_the_volume_still_opens() -> None:
+    h = harness()
+    h.sticks.commit_error = KeydError("cannot write /var/lib/keyd/generations.json: Read-only "
+                                      "file system")
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.start([STICK])
+    h.loop.run()
+    assert h.state("tank") == "unlocked"
+    record = next(r for r in h.sink.records if r.event == "state-not-saved")
+    assert record.volume == "tank" and record.priority == 4  # a warning
+    assert "Read-only file system" in record.message and "retired sticks" in record.message

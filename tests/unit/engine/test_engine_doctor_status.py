@@ -83,6 +83,13 @@ def test_run_dir_checks(tmp_path: Path) -> None:
     assert finding.status == "fail" and "--run-dir" in str(finding.fix)
 
 
+def test_state_dir_checks(tmp_path: Path) -> None:
+    assert doctor.check_state_dir(str(tmp_path / "var" / "lib" / "keyd")).status == "ok"
+    (tmp_path / "file").write_text("")
+    finding = doctor.check_state_dir(str(tmp_path / "file" / "keyd"))
+    assert finding.status == "fail" and "retired stick would be accepted again" in finding.text
+
+
 def test_partial_volume_and_foreign_layer_in_status() -> None:
     volume = CONFIG.volume("tank")
     foreign_md = MdArray("md0", UUID, "/dev/md/host:0", "clean", "raid5", 3, 1)
