@@ -347,8 +347,8 @@ class Daemon:
                 self.loop.run_in_worker(
                     lambda: workers.lock(engine, vol, self.ports.units, units), back)
             case ef.StartMend(ref_or_none):
-                log.info("volume %s is open degraded and a disk appeared: bringing back what "
-                         "it lacks%s", volume, "" if ref_or_none else " (without a key)")
+                log.info("volume %s is open degraded: bringing back what it lacks%s", volume,
+                         " (with a stick's key)" if ref_or_none else " (key-less sides only)")
                 self.loop.run_in_worker(
                     lambda: workers.mend(engine, vol, self.keys, ref_or_none), back)
             case ef.AskPassphrase(timeout):
