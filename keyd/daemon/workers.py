@@ -49,7 +49,8 @@ def reason_code(error: BaseException) -> str:
 
 def observed(report: VolumeReport) -> ev.Observed:
     """The start-up event for one volume's report."""
-    return ev.Observed(observed_kind(report), degraded=report.state == "unlocked (degraded)")
+    kind = observed_kind(report)
+    return ev.Observed(kind, degraded=kind == "unlocked" and report.degraded)
 
 
 def observed_kind(report: VolumeReport) -> ev.ObservedKind:
@@ -82,7 +83,7 @@ def still_degraded(engine: VolumeEngine, volume: Volume) -> bool:
     if not any(isinstance(layer, RaidLayer | ZfsLayer) for layer in volume.layers):
         return False
     try:
-        return engine.status([volume])[0].state == "unlocked (degraded)"
+        return observed(engine.status([volume])[0]).degraded
     except Exception:  # cannot tell: assume so, a mend that finds nothing to do is harmless
         return True
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from keyd.config.model import Volume
@@ -21,6 +21,11 @@ class VolumeReport:
     layers: tuple[LayerStatus, ...]
     services: tuple[str, ...]
 
+    @property
+    def degraded(self) -> bool:
+        """A layer lacks a side (an array's member, a pool's vdev): `` (degraded)`` in state."""
+        return any(status.degraded for status in self.layers)
+
 
 def report(volume: Volume, observed: ObservedState) -> VolumeReport:
     """Summarise ``volume`` in ``observed``; layers top-down, as people read a stack."""
@@ -37,9 +42,8 @@ def report(volume: Volume, observed: ObservedState) -> VolumeReport:
         state = "unlocked"
     else:
         state = "locked" if open_count == 0 else "partial"
-    degraded = any(status.degraded for status in statuses)
-    return VolumeReport(volume.name, state + (" (degraded)" if degraded else ""), statuses,
-                        volume.services)
+    summary = VolumeReport(volume.name, state, statuses, volume.services)
+    return replace(summary, state=state + " (degraded)") if summary.degraded else summary
 
 
 def _layer_state(status: LayerStatus) -> str:

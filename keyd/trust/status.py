@@ -23,9 +23,10 @@ _KEYWORD = re.compile(r"[A-Z][A-Z0-9_]*\Z")
 # VALIDSIG <fpr> <date> <ts> <expire> <ver> <reserved> <pkalgo> <hashalgo> <class> <primary-fpr>
 _VALIDSIG_PRIMARY = 9
 _VALIDSIG_HASH = 7
-# OpenPGP hash algorithm ids (RFC 4880, 9.4): SHA256, SHA384, SHA512, SHA224.
-STRONG_HASHES = {"8": "SHA256", "9": "SHA384", "10": "SHA512", "11": "SHA224"}
-_WEAK_NAMES = {"1": "MD5", "2": "SHA1", "3": "RIPEMD160"}
+# OpenPGP hash algorithm ids (RFC 4880, 9.4); keyd accepts the SHA-2 family only.
+_HASH_NAMES = {"1": "MD5", "2": "SHA1", "3": "RIPEMD160", "8": "SHA256", "9": "SHA384",
+               "10": "SHA512", "11": "SHA224"}
+STRONG_HASHES = frozenset({"8", "9", "10", "11"})
 
 # Checked in this order, so the most specific reason wins when gpg emits several.
 _REFUSALS: tuple[tuple[str, Reason, str], ...] = (
@@ -98,7 +99,7 @@ def _primary(group: Sequence[StatusLine]) -> str:
                                 "gpg's VALIDSIG primary-key fingerprint is not hexadecimal")
     algo = valid[0].args[_VALIDSIG_HASH]
     if algo not in STRONG_HASHES:
-        name = _WEAK_NAMES.get(algo, f"hash algorithm {algo}")
+        name = _HASH_NAMES.get(algo, f"hash algorithm {algo}")
         raise SignatureRejected(Reason.WEAK_SIGNATURE_HASH,
                                 f"the manifest is signed with {name}, which keyd does not accept",
                                 fix="sign again with SHA-256 or stronger (`keydctl enroll` does; "

@@ -20,6 +20,7 @@ from keyd.daemon.uevents import StickInfo
 from keyd.engine.assess import LayerStatus
 from keyd.engine.errors import DevicesMissing, Holder, KeyRejected, VolumeBusy
 from keyd.engine.executor import KeySource
+from keyd.engine.keys import KeyInventory
 from keyd.engine.service import Outcome
 from keyd.engine.status import VolumeReport
 from keyd.errors import KeydError
@@ -160,8 +161,8 @@ class FakeEngine:
         """Bring the late side back if its disk is here and the key is right."""
         self.calls.append(f"mend {volume.name}")
         layer = next(layer for layer in volume.layers if layer.kind == "crypt")
-        has = getattr(keys, "has", lambda name: True)
-        key = self._key(volume, keys) if has(layer.key) else None
+        known = not isinstance(keys, KeyInventory) or keys.has(layer.key)
+        key = self._key(volume, keys) if known else None
         mended = self._mend(volume, key)
         return Outcome(volume.name, bool(mended), mended=mended)
 
@@ -202,7 +203,8 @@ class FakeEngine:
 
     def _report(self, volume: Volume) -> VolumeReport:
         name = volume.name
-        bottom = LayerStatus("crypt0", "crypt", open=name in self.open | self.partial, owned=True)
+        bottom = LayerStatus("crypt0", "crypt", open=name in self.open | self.partial, owned=True,
+                             degraded=name in self.degraded)
         top = LayerStatus("data", "mount", open=name in self.open,
                           problem="device missing" if name in self.conflict else None)
         state = ("unlocked (degraded)" if name in self.degraded else
