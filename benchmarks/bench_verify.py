@@ -20,7 +20,7 @@ from pathlib import Path
 
 from keyd.runner import SubprocessRunner
 from keyd.trust.gpg import GnuPG
-from keyd.trust.manifest import KeyEntry, Manifest, render_manifest
+from keyd.trust.manifest import KeyEntry, KeyFile, Manifest, render_manifest
 from keyd.trust.verify import StickIdentity, TrustState, Verifier, verify_directory
 from keyd_lab import gpg_scratch
 
@@ -37,8 +37,10 @@ def write_bundle(root: Path, runner: SubprocessRunner, home: Path, signer: str) 
     for index, volume in enumerate(VOLUMES):
         key = bytes([index + 1]) * 64
         (keyd / f"{volume}.key").write_bytes(key)
-        entries.append(KeyEntry(volume=volume, bundle_id=f"bench-{volume}", file=f"{volume}.key",
-                                sha256=hashlib.sha256(key).hexdigest(), generation=1,
+        entries.append(KeyEntry(volume=volume, bundle_id=f"bench-{volume}",
+                                secrets=(KeyFile(f"{volume}.key",
+                                                 hashlib.sha256(key).hexdigest()),),
+                                generation=1,
                                 not_before=now - timedelta(days=1),
                                 not_after=now + timedelta(days=1), bind_serial=SERIAL))
     manifest = render_manifest(Manifest(tuple(entries)))

@@ -73,19 +73,47 @@ def volume_key(name: str) -> bytes:
     return (f"keyd-lab-key-for-{name}-" + "0123456789abcdef" * 3).encode()
 
 
-def make_stick(base: Path, signer: Signer, serial: str, volumes: Mapping[str, bytes], *,
+def make_stick(base: Path, signer: Signer, serial: str,
+               volumes: Mapping[str, bytes | Mapping[str, bytes]], *,
                bind_serial: str | None = None, runner: Runner | None = None) -> StickSpec:
-    """A vfat stick image with bundles for ``volumes`` signed by ``signer`` (``keydctl enroll``)."""
+    """A vfat stick image with bundles for ``volumes`` signed by ``signer`` (``keydctl enroll``).
+
+    A volume's key is bytes (one key for every layer) or key name -> bytes (format 2).
+    Calling it again for the same serial re-keys: the bundles get the next generation.
+    """
     runner = runner or SubprocessRunner()
+    for volume, keys in volumes.items():
+        named = {"": keys} if isinstance(keys, bytes) else dict(keys)
+        sources = []
+        for name, key in named.items():
+            key_file = base / f"{serial}-{volume}-{name or 'all'}.key"
+            key_file.write_bytes(key)
+            sources += ["--key-file", f"{name}={key_file}" if name else str(key_file)]
+        _enroll(runner, base, signer, serial, volume, *sources,
+                "--bind-serial", bind_serial or serial)
+    return _image(runner, base, serial)
+
+
+def make_backup_stick(base: Path, signer: Signer, primary: str, serial: str, volume: str, *,
+                      runner: Runner | None = None) -> StickSpec:
+    """A backup stick for ``volume`` of the stick ``primary`` made by :func:`make_stick`
+    (``keydctl enroll --backup-of``): the same keys and generation, bound to ``serial``."""
+    runner = runner or SubprocessRunner()
+    _enroll(runner, base, signer, serial, volume, "--backup-of", str(base / f"stick-{primary}"),
+            "--bind-serial", serial)
+    return _image(runner, base, serial)
+
+
+def _enroll(runner: Runner, base: Path, signer: Signer, serial: str, volume: str,
+            *options: str) -> None:
+    runner.run([*KEYDCTL_HOST, "enroll", "--volume", volume,
+                "--signing-key", signer.fingerprint, "--signer", signer.fingerprint,
+                "--gnupghome", str(signer.home), "--state-dir", str(base / f"state-{serial}"),
+                "--output", str(base / f"stick-{serial}"), *options], timeout=120)
+
+
+def _image(runner: Runner, base: Path, serial: str) -> StickSpec:
     stick_dir = base / f"stick-{serial}"
-    for volume, key in volumes.items():
-        key_file = base / f"{serial}-{volume}.key"
-        key_file.write_bytes(key)
-        runner.run([*KEYDCTL_HOST, "enroll", "--volume", volume,
-                    "--signing-key", signer.fingerprint, "--signer", signer.fingerprint,
-                    "--gnupghome", str(signer.home), "--state-dir", str(base / f"state-{serial}"),
-                    "--output", str(stick_dir), "--key-file", str(key_file),
-                    "--bind-serial", bind_serial or serial], timeout=120)
     files = {str(p.relative_to(stick_dir)): p.read_bytes() for p in stick_dir.rglob("*") if p.is_file()}
     image = build_stick(runner, base / f"{serial}.img", label="KEYS", files=files)
     return StickSpec(image, serial)

@@ -56,11 +56,14 @@ def trust_header(signers: Sequence[str] | None = None, *, gnupghome: str | Path 
 
 
 def volume_table(volume: str, *, services: Sequence[str] | None = None,
-                 description: str | None = None) -> str:
-    """``[volume.VOLUME]`` with the volume's own keys, or nothing when it has none."""
-    if services is None and description is None:
+                 description: str | None = None,
+                 policy: Mapping[str, Value] | None = None) -> str:
+    """``[volume.VOLUME]`` with the volume's own keys (``policy``: its daemon keys), or nothing
+    when it has none."""
+    if services is None and description is None and not policy:
         return ""
-    return table(f"volume.{volume}", services=services, description=description)
+    return table(f"volume.{volume}", services=services, description=description,
+                 **(policy or {}))
 
 
 def layer(volume: str, name: str, kind: str, **keys: Value | None) -> str:
@@ -116,9 +119,10 @@ def crypt_layers(volume: str, devices: Mapping[str, str], crypt: Crypt = TCRYPT,
 
 def zfs_on_crypt(volume: str, devices: Mapping[str, str], *, pool: str, crypt: Crypt = TCRYPT,
                  keys: Mapping[str, str] | None = None, degraded: str | None = None,
-                 services: Sequence[str] | None = None, description: str | None = None) -> str:
+                 services: Sequence[str] | None = None, description: str | None = None,
+                 policy: Mapping[str, Value] | None = None) -> str:
     """The ZFS pool ``pool`` (layer ``pool``) on one crypt layer per device (name -> device)."""
-    return (volume_table(volume, services=services, description=description)
+    return (volume_table(volume, services=services, description=description, policy=policy)
             + crypt_layers(volume, devices, crypt, keys)
             + layer(volume, "pool", "zfs", below=list(devices), pool=pool, degraded=degraded))
 
@@ -154,11 +158,12 @@ def seed_001(uuid: str, *, volume: str = "raid5", degraded: str = "after=30",
 
 def seed_002(disk1: str, disk2: str, *, volume: str = "secretpool",
              keys: tuple[str, str] = ("secretpool", "secretpool"), degraded: str = "always",
-             services: Sequence[str] | None = None, description: str | None = None) -> str:
+             services: Sequence[str] | None = None, description: str | None = None,
+             policy: Mapping[str, Value] | None = None) -> str:
     """Seed 002: the ZFS mirror secretpool on two TrueCrypt volumes; layers tc1, tc2 -> pool."""
     return zfs_on_crypt(volume, {"tc1": disk1, "tc2": disk2}, pool="secretpool",
                         keys={"tc1": keys[0], "tc2": keys[1]}, degraded=degraded,
-                        services=services, description=description)
+                        services=services, description=description, policy=policy)
 
 
 def seed_003(device: str, *, volume: str = "work", ntfs: str = "/media/winroot",

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
+from keyd.cli.key_args import UsageError, parse_key_files
 from keyd.engine.errors import KeyRejected
 from keyd.engine.keys import read_key_file, read_limited
-from keyd.errors import KeydError
 
 if TYPE_CHECKING:
     from keyd.cli.volume_commands import Environment
@@ -29,12 +29,6 @@ if TYPE_CHECKING:
 Connector = Callable[[str | None], "DaemonLink | None"]
 SYSTEM_BUS_SOCKET = "/run/dbus/system_bus_socket"
 DEFAULT_TIMEOUT = 300.0
-
-
-class RemoteUsageError(KeydError):
-    """The command line asks keyd for something its D-Bus API cannot take."""
-
-    exit_code = 2
 
 
 def system_bus_socket(environ: dict[str, str]) -> str | None:
@@ -57,34 +51,68 @@ def connect_daemon(bus: str | None) -> DaemonLink | None:
     return connect(bus_at(bus) if bus else system_bus)
 
 
-def _key_file(entries: list[str], stdin: BinaryIO) -> bytearray:
-    if len(entries) > 1:
-        raise RemoteUsageError("keyd takes one key per unlock (it serves every key name "
-                               "of the volume)", fix="for one key per layer use --direct")
-    path = entries[0].partition("=")[2] if "=" in entries[0] else entries[0]
-    if path == "-":
-        return read_limited(stdin, "the key on stdin")
-    return read_key_file(path)
+Keys = dict[str, bytearray]  # by key name; "" serves every name without its own
 
 
-def _passphrase(volume: str, ask: Callable[[str], str], stdin: BinaryIO, tty: bool) -> bytearray:
+def _read(path: str, stdin: BinaryIO) -> bytearray:
+    return read_limited(stdin, "the key on stdin") if path == "-" else read_key_file(path)
+
+
+def _key_files(entries: list[str], volume: str, names: list[str], stdin: BinaryIO) -> Keys:
+    files = parse_key_files(entries, volume, names or None)
+    paths = {"": files.default} if files.default is not None else {}
+    paths.update(files.by_name)
+    if list(paths.values()).count("-") > 1:
+        raise UsageError("stdin can carry only one key", fix="give the other keys as files")
+    keys: Keys = {}
+    try:
+        for name, path in paths.items():
+            keys[name] = _read(path, stdin)
+    except BaseException:
+        wipe(keys)
+        raise
+    return keys
+
+
+def _passphrase(label: str, ask: Callable[[str], str], stdin: BinaryIO, tty: bool) -> bytearray:
+    """The passphrase for ``label`` (VOLUME or VOLUME/NAME): asked, or one line of stdin."""
     if tty:
-        return bytearray(ask(f"Passphrase for {volume}: ").encode("utf-8"))
+        return bytearray(ask(f"Passphrase for {label}: ").encode("utf-8"))
     line = stdin.readline()
     if not line:
-        raise KeyRejected(f"no passphrase on stdin for volume {volume}",
-                          fix="pipe one line, or run on a terminal")
+        raise KeyRejected(f"no passphrase on stdin for volume {label}",
+                          fix="pipe one line per key name, or run on a terminal")
     return bytearray(line.removesuffix(b"\n").removesuffix(b"\r"))
 
 
-def read_key(args: argparse.Namespace, env: Environment) -> bytearray:
-    """The one key (or passphrase) to hand to keyd, from --key-file or --passphrase."""
+def _passphrases(volume: str, names: list[str], env: Environment) -> Keys:
+    """One passphrase, or one per key name when the volume has several (in config order)."""
+    if len(names) <= 1:
+        return {"": _passphrase(volume, env.ask, env.stdin, env.stdin_is_tty)}
+    keys: Keys = {}
+    try:
+        for name in names:
+            keys[name] = _passphrase(f"{volume}/{name}", env.ask, env.stdin, env.stdin_is_tty)
+    except BaseException:
+        wipe(keys)
+        raise
+    return keys
+
+
+def read_keys(args: argparse.Namespace, env: Environment, names: list[str]) -> Keys:
+    """The keys (or passphrases) to hand to keyd, by key name, from --key-file or --passphrase."""
     if args.passphrase:
-        return _passphrase(args.volume, env.ask, env.stdin, env.stdin_is_tty)
+        return _passphrases(args.volume, names, env)
     if args.key_file:
-        return _key_file(args.key_file, env.stdin)
-    raise RemoteUsageError(f"volume {args.volume} needs a key",
-                           fix="pass --key-file PATH (or - for stdin), or --passphrase")
+        return _key_files(args.key_file, args.volume, names, env.stdin)
+    raise UsageError(f"volume {args.volume} needs a key",
+                     fix="pass --key-file PATH (or - for stdin), or --passphrase")
+
+
+def wipe(keys: Keys) -> None:
+    """Overwrite every key read."""
+    for key in keys.values():
+        key[:] = bytes(len(key))
 
 
 def _at(link: DaemonLink, volume: str) -> str:
@@ -96,11 +124,13 @@ def unlock(link: DaemonLink, args: argparse.Namespace, env: Environment) -> int:
     """keydctl unlock through keyd: hand over the key, wait for the outcome, report it."""
     from keyd.daemon.client import remote_unlock  # noqa: PLC0415 (see module doc)
 
-    key = read_key(args, env)
+    info = link.get_volume(args.volume)
+    names = [name for name in info.get("key_names", "").split(",") if name]
+    keys = read_keys(args, env, names)
     try:
-        message = remote_unlock(link, args.volume, key=key, timeout=args.timeout)
+        message = remote_unlock(link, args.volume, keys, timeout=args.timeout)
     finally:
-        key[:] = bytes(len(key))
+        wipe(keys)
     _say(env.stdout, f"{message}{_at(link, args.volume)} (through keyd)")
     return 0
 

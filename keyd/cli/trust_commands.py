@@ -18,6 +18,7 @@ from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
+from keyd.cli.key_args import UsageError, parse_key_files
 from keyd.config import load_config
 from keyd.config.model import DEFAULT_CONFIG, DEFAULT_GNUPGHOME, DEFAULT_REVOCATIONS, TrustConfig
 from keyd.errors import ConfigError, KeydError
@@ -27,9 +28,10 @@ from keyd.trust import luks
 from keyd.trust.enroll import Enroller, EnrollRequest
 from keyd.trust.generations import GenerationStore
 from keyd.trust.gpg import GnuPG
+from keyd.trust.manifest import KeyEntry
 from keyd.trust.report import StickReport
 from keyd.trust.revocation import Revocations, load_revocations, save_revocations, valid_token
-from keyd.trust.secret import SecretBytes
+from keyd.trust.secret import KeySet, SecretBytes
 from keyd.trust.settings import DEFAULT_STATE_DIR, Limits, TrustSettings
 from keyd.trust.verify import (
     StickIdentity,
@@ -42,6 +44,19 @@ from keyd.trust.verify import (
 DEFAULT_KEY_BYTES = 64
 EXIT_REJECTED = 6
 LUKS_MAX_KEY_BYTES = 8 * 1024 * 1024  # cryptsetup's default --keyfile-size limit
+ENROLL_EXAMPLES = """examples:
+  one key for every layer of tank (a generated 64-byte key, added to a LUKS keyslot):
+    keydctl enroll --volume tank --signing-key FPR --output /media/stick \\
+        --bind-serial SERIAL --device /dev/md0 < current.key
+  a key per layer: seed 002's two TrueCrypt volumes with passphrases of their own
+  (the names are the layers' `key` in keyd.toml):
+    keydctl enroll --volume secret --signing-key FPR --output /media/stick \\
+        --bind-serial SERIAL --key-file k1=/root/tc1.pass --key-file k2=/root/tc2.pass
+  a backup stick: the same keys at the same generation, bound to the second stick;
+  using either never retires the other (a lost one: keydctl revoke --serial SERIAL):
+    keydctl enroll --volume tank --signing-key FPR --output /media/backup \\
+        --bind-serial SERIAL2 --backup-of /media/stick
+"""
 
 
 def register(subparsers: Any) -> None:
@@ -63,17 +78,26 @@ def register(subparsers: Any) -> None:
 
 
 def _add_enroll(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    parser = subparsers.add_parser("enroll", parents=[common],
-                                   help="write a signed key bundle for a volume into DIR/keyd/")
+    parser = subparsers.add_parser(
+        "enroll", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="write a signed key bundle for a volume into DIR/keyd/",
+        description="Write (or replace) VOLUME's bundle in DIR/keyd/ and sign the manifest.",
+        epilog=ENROLL_EXAMPLES)
     parser.add_argument("--volume", required=True, help="volume name, as in keyd.toml")
     parser.add_argument("--signing-key", required=True, metavar="FPR",
                         help="primary fingerprint of the signing key (secret key in --gnupghome)")
     parser.add_argument("--output", required=True, metavar="DIR", type=Path,
                         help="stick root (mounted stick or any directory)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--key-file", metavar="PATH", type=Path, help="use this existing key")
-    source.add_argument("--generate", metavar="BYTES", type=int,
-                        help=f"generate a random key of BYTES bytes (default {DEFAULT_KEY_BYTES})")
+    parser.add_argument("--key-file", action="append", default=[], metavar="[NAME=]PATH",
+                        help="use this existing key; NAME= makes it the key of the layers whose "
+                             "`key` is NAME (repeatable)")
+    parser.add_argument("--key-name", action="append", default=[], metavar="NAME",
+                        help="generate a random key for key name NAME (repeatable)")
+    parser.add_argument("--generate", metavar="BYTES", type=int,
+                        help=f"size of generated keys (default {DEFAULT_KEY_BYTES} bytes)")
+    parser.add_argument("--backup-of", metavar="DIR", type=Path,
+                        help="copy the volume's bundle from the primary stick mounted at DIR "
+                             "(same keys, same generation, its own bundle id and binding)")
     parser.add_argument("--encrypt-to", metavar="FPR", help="encrypt the key file to the host key")
     parser.add_argument("--not-before", metavar="DATE", type=parse_date,
                         help="valid from (default now)")
@@ -172,6 +196,7 @@ def render_json(report: StickReport) -> str:
     """The verdicts as JSON (reason codes, never key bytes)."""
     volumes = [{"volume": v.entry.volume, "bundle_id": v.entry.bundle_id,
                 "generation": v.entry.generation, "accepted": v.accepted,
+                "key_names": sorted(k.name for k in v.entry.secrets if k.name is not None),
                 "reason": v.reason.value if v.reason else None, "message": v.message}
                for v in report.verdicts]
     document = {"accepted": bool(report.accepted), "signer": report.signer,
@@ -214,21 +239,47 @@ def enroll_main(args: argparse.Namespace, stdin: BinaryIO | None, out: TextIO) -
     """
     settings = settings_from_args(args)
     now = datetime.now(UTC)
+    if args.backup_of is not None:
+        return _backup(args, settings, now, out)
     request = EnrollRequest(
         volume=args.volume, signing_key=args.signing_key, output=args.output,
         not_before=args.not_before or now, generation=args.generation,
         not_after=args.not_after, bind_serial=args.bind_serial, bind_fs_uuid=args.bind_fs_uuid,
         volume_uuid=args.volume_uuid, encrypt_to=args.encrypt_to, bundle_id=args.bundle_id)
     _check_request(request)
-    with _new_key(args, settings.limits) as key:
+    with _new_keys(args, settings.limits) as keys:
         if args.device:
-            request = _add_keyslot(args, request, key, stdin or sys.stdin.buffer)
+            request = _add_keyslot(args, request, _only_key(keys), stdin or sys.stdin.buffer)
         enroller = Enroller(GnuPG(settings.gnupghome), settings.signers)
         last = GenerationStore(settings.state_path).last(args.volume)
-        entry = enroller.enroll(request, key, now, last)
-    out.write(f"enrolled volume {entry.volume}: bundle {entry.bundle_id}, generation "
-              f"{entry.generation}, key file {args.output / 'keyd' / entry.file}\n")
+        entry = enroller.enroll(request, keys, now, last)
+    _enrolled(out, "enrolled", entry, args.output)
     return 0
+
+
+def _backup(args: argparse.Namespace, settings: TrustSettings, now: datetime, out: TextIO) -> int:
+    given = [option for option, value in (("--key-file", args.key_file), ("--key-name",
+             args.key_name), ("--generate", args.generate), ("--generation", args.generation),
+             ("--device", args.device), ("--encrypt-to", args.encrypt_to)) if value]
+    if given:
+        raise UsageError(f"--backup-of copies the primary's keys and generation; {given[0]} "
+                         "does not go with it", fix=f"leave out {', '.join(given)}")
+    request = EnrollRequest(
+        volume=args.volume, signing_key=args.signing_key, output=args.output, not_before=now,
+        not_after=args.not_after, bind_serial=args.bind_serial, bind_fs_uuid=args.bind_fs_uuid,
+        bundle_id=args.bundle_id)
+    _check_request(request)
+    entry = Enroller(GnuPG(settings.gnupghome), settings.signers).backup(
+        request, args.backup_of, now)
+    _enrolled(out, "backed up", entry, args.output)
+    return 0
+
+
+def _enrolled(out: TextIO, verb: str, entry: KeyEntry, output: Path) -> None:
+    files = ", ".join(str(output / "keyd" / secret.file) + (f" (key {secret.name})"
+                      if secret.name else "") for secret in entry.secrets)
+    out.write(f"{verb} volume {entry.volume}: bundle {entry.bundle_id}, generation "
+              f"{entry.generation}, key file {files}\n")
 
 
 def _check_request(request: EnrollRequest) -> None:
@@ -239,13 +290,45 @@ def _check_request(request: EnrollRequest) -> None:
         raise KeydError("--generation must be 1 or more")
 
 
-def _new_key(args: argparse.Namespace, limits: Limits) -> SecretBytes:
-    if args.key_file is not None:
-        return _read_key_file(args.key_file, limits.key_bytes)
-    size = DEFAULT_KEY_BYTES if args.generate is None else args.generate
+def _new_keys(args: argparse.Namespace, limits: Limits) -> KeySet:
+    """The keys to enroll: read from --key-file, generated for --key-name, else one generated."""
+    files = parse_key_files(args.key_file, args.volume)
+    named = [*files.by_name, *args.key_name]
+    twice = sorted({name for name in named if named.count(name) > 1})
+    if twice:
+        raise UsageError(f"key name {twice[0]!r} is given twice", fix="give each key name once")
+    if args.generate is not None and args.key_file and not args.key_name:
+        raise UsageError("--generate sizes generated keys; --key-file reads existing ones",
+                         fix="give either, or add --key-name NAME for a generated key")
+    keys: dict[str | None, SecretBytes] = {}
+    try:
+        if files.default is not None:
+            keys[None] = _read_key_file(Path(files.default), limits.key_bytes)
+        for name, path in files.by_name.items():
+            keys[name] = _read_key_file(Path(path), limits.key_bytes)
+        for name in args.key_name or ([] if args.key_file else [None]):
+            keys[name] = _generated(args.generate, limits)
+    except BaseException:
+        KeySet(keys).wipe()
+        raise
+    return KeySet(keys)
+
+
+def _generated(size: int | None, limits: Limits) -> SecretBytes:
+    size = DEFAULT_KEY_BYTES if size is None else size
     if not 1 <= size <= limits.key_bytes:
         raise KeydError(f"--generate {size}: the key size must be 1 to {limits.key_bytes} bytes")
     return SecretBytes.adopt(bytearray(os.urandom(size)))
+
+
+def _only_key(keys: KeySet) -> SecretBytes:
+    """The one key --device adds to a keyslot (a LUKS device takes one key name's key)."""
+    pairs = keys.items()
+    if len(pairs) != 1:
+        raise UsageError("--device adds one key to a LUKS keyslot; this bundle has "
+                         f"{len(pairs)}", fix="enroll per-layer keys without --device and add "
+                         "each to its device with cryptsetup luksAddKey")
+    return pairs[0][1]
 
 
 def _read_key_file(path: Path, cap: int) -> SecretBytes:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,12 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from keyd.cli import remote
-from keyd.config.model import DEFAULT_CONFIG, Config, CryptLayer, MountLayer, Volume
+from keyd.cli.key_args import UsageError, parse_key_files
+from keyd.config.model import DEFAULT_CONFIG, Config, MountLayer, Volume
 from keyd.config.parse import load_config
 from keyd.engine.errors import KeyRejected
 from keyd.engine.lockfile import DEFAULT_RUN_DIR
 from keyd.engine.status import render_table, to_json
-from keyd.errors import ConfigError, KeydError
+from keyd.errors import ConfigError
 from keyd.trust.settings import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
@@ -40,15 +40,6 @@ if TYPE_CHECKING:
     from keyd.engine.ports import HolderPort, ServicePort, Storage
     from keyd.engine.service import Engine
     from keyd.runner import Runner
-
-_NAMED_KEY = re.compile(r"^([a-z0-9][a-z0-9_]*)=(.+)$")
-
-
-class UsageError(KeydError):
-    """The command line asks for something impossible."""
-
-    exit_code = 2
-
 
 @dataclass
 class Environment:
@@ -118,37 +109,20 @@ def _engine(env: Environment, args: argparse.Namespace) -> Engine:
     return engine
 
 
-def _key_names(volume: Volume) -> list[str]:
-    return list(dict.fromkeys(layer.key for layer in volume.layers
-                              if isinstance(layer, CryptLayer)))
-
-
 def _key_source(args: argparse.Namespace, env: Environment,
                 volume: Volume) -> FileKeys | PromptKeys:
     from keyd.engine.keys import FileKeys, PromptKeys, open_binary  # noqa: PLC0415 (see module doc)
     from keyd.engine.plan import vdev_keys  # noqa: PLC0415
 
-    names = _key_names(volume)
+    names = volume.key_names
     if args.passphrase:
         return PromptKeys(env.ask if env.stdin_is_tty else _line_reader(env.stdin))
-    default, by_name = None, {}
-    for entry in args.key_file or []:
-        match = _NAMED_KEY.match(entry)
-        if match is None:
-            if default is not None:
-                raise UsageError("give only one --key-file without NAME=",
-                                 fix="use --key-file NAME=PATH for each key of the volume")
-            default = entry
-        elif match.group(1) not in names:
-            raise UsageError(f"volume {volume.name} has no key named {match.group(1)!r}",
-                             fix=f"its keys are: {', '.join(names) or 'none'}")
-        else:
-            by_name[match.group(1)] = match.group(2)
+    files = parse_key_files(args.key_file or [], volume.name, names)
     # A zfs layer's vdev keys may be missing: its degraded policy decides (keyd.engine.plan).
-    if names and default is None and set(names) - set(by_name) - vdev_keys(volume):
+    if names and files.default is None and set(names) - set(files.by_name) - vdev_keys(volume):
         raise UsageError(f"volume {volume.name} needs a key ({', '.join(names)})",
                          fix="pass --key-file PATH (or - for stdin), or --passphrase")
-    return FileKeys(default, by_name, env.stdin, open_binary)
+    return FileKeys(files.default, files.by_name, env.stdin, open_binary)
 
 
 def _line_reader(stream: BinaryIO) -> Callable[[str], str]:

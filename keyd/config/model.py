@@ -193,6 +193,12 @@ class Volume:
         """The layers that sit directly on ``name``."""
         return tuple(layer for layer in self.layers if name in layer.below)
 
+    @property
+    def key_names(self) -> tuple[str, ...]:
+        """The key names its crypt layers ask for, bottom-up, each once."""
+        return tuple(dict.fromkeys(layer.key for layer in self.layers
+                                   if isinstance(layer, CryptLayer)))
+
 
 @dataclass(frozen=True)
 class TrustConfig:

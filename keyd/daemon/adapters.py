@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from keyd.daemon.uevents import StickInfo
@@ -12,7 +13,7 @@ from keyd.errors import KeydError, ProgramError
 from keyd.runner import Runner
 from keyd.trust.errors import TrustError
 from keyd.trust.report import StickReport
-from keyd.trust.secret import SecretBytes
+from keyd.trust.secret import KeySet, SecretBytes
 from keyd.trust.settings import TrustSettings
 
 log = logging.getLogger("keyd.daemon")
@@ -64,15 +65,34 @@ class AskPassword:
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
 
-    def ask(self, volume: str, timeout: float) -> SecretBytes | None:
-        """See PassphraseAsker.ask; the reply is read from the program's stdout."""
-        argv = ["systemd-ask-password", f"--id=keyd:{volume}", f"--timeout={max(1, int(timeout))}",
-                "--icon=drive-harddisk", "--no-tty", "-n",
-                f"Passphrase for keyd volume {volume}:"]
+    def ask(self, volume: str, names: Sequence[str], timeout: float) -> KeySet | None:
+        """See PassphraseAsker.ask; each reply is read from the program's stdout.
+
+        A volume with several key names gets one question per name, each with its own
+        ``--id=keyd:VOLUME:NAME`` so that an agent can tell them apart.
+        """
+        deadline = time.monotonic() + timeout
+        if len(names) <= 1:
+            secret = self._ask(f"keyd:{volume}", f"Passphrase for keyd volume {volume}:", deadline)
+            return KeySet.single(secret) if secret is not None else None
+        answers: dict[str | None, SecretBytes] = {}
+        for name in names:
+            secret = self._ask(f"keyd:{volume}:{name}",
+                               f"Passphrase for keyd volume {volume}, key {name}:", deadline)
+            if secret is None:
+                KeySet(answers).wipe()
+                return None
+            answers[name] = secret
+        return KeySet(answers)
+
+    def _ask(self, question_id: str, message: str, deadline: float) -> SecretBytes | None:
+        timeout = max(1, math.ceil(deadline - time.monotonic()))
+        argv = ["systemd-ask-password", f"--id={question_id}", f"--timeout={timeout}",
+                "--icon=drive-harddisk", "--no-tty", "-n", message]
         try:
             done = self.runner.run(argv, timeout=timeout + 10)
         except ProgramError as exc:
-            log.warning("no passphrase for %s: %s", volume, exc.message)
+            log.warning("no passphrase for %s: %s", question_id, exc.message)
             return None
         # The runner hands stdout back as text; it is turned into a wipeable buffer at once.
         return SecretBytes(done.stdout.encode("utf-8"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from gi.repository import Gio, GLib
@@ -89,11 +89,16 @@ def translate_error(error: Exception, method: str = "") -> KeydError:
     if text.startswith(_REMOTE):
         name, _, text = text[len(_REMOTE):].partition(": ")
     cls = _ERRORS.get(name, DaemonError)
-    first = text.splitlines()[0] if text else "keyd failed the request"
+    lines = text.splitlines() or ["keyd failed the request"]
+    # keyd's errors travel as user_message() text: the first line, then "  fix: ...".
+    fix = next((line.strip()[len("fix: "):] for line in lines[1:]
+                if line.strip().startswith("fix: ")), None)
+    first = lines[0]
     if name == _BUS_DENIED:  # the bus's own rejection reads "Rejected send message, ..."
         first = f"keyd's D-Bus policy does not let uid {os.getuid()} call {method or 'this'}"
-    return cls(first, fix="run as root or as a member of keyd's admin group"
-               if cls is DaemonAccessDenied else None)
+    if cls is DaemonAccessDenied:
+        fix = "run as root or as a member of keyd's admin group"
+    return cls(first, fix=fix)
 
 
 def _memfd_with(key: bytes | bytearray) -> int:
@@ -141,17 +146,28 @@ class KeydClient:
         return str(self._call("UnlockWithPassphrase", volume, passphrase))
 
     def unlock_key(self, volume: str, key: bytes | bytearray) -> str:
-        """Unlock with key bytes, handed over in a memfd (UnixFD), not in the message."""
-        fd = _memfd_with(key)
+        """Unlock with one key for every key name (see :meth:`unlock_keys`)."""
+        return self.unlock_keys(volume, {"": key})
+
+    def unlock_keys(self, volume: str, keys: Mapping[str, bytes | bytearray]) -> str:
+        """Unlock with key bytes by key name ("" for every other name), each handed over in a
+        sealed memfd (UnixFD), never in the message."""
+        names = sorted(keys)
+        fds: list[int] = []
         try:
-            fds = Gio.UnixFDList.new_from_array([os.dup(fd)])
+            for name in names:
+                fds.append(_memfd_with(keys[name]))
+            fd_list = Gio.UnixFDList.new_from_array([os.dup(fd) for fd in fds])
+            argument = GLib.Variant("(sa{sh})", (volume, {n: i for i, n in enumerate(names)}))
             reply, _ = self.bus.con.call_with_unix_fd_list_sync(
-                BUS_NAME, OBJECT_PATH, INTERFACE, "Unlock", GLib.Variant("(sh)", (volume, 0)),
-                GLib.VariantType.new("(s)"), Gio.DBusCallFlags.NONE, CALL_TIMEOUT_MS, fds, None)
+                BUS_NAME, OBJECT_PATH, INTERFACE, "UnlockWithKeys", argument,
+                GLib.VariantType.new("(s)"), Gio.DBusCallFlags.NONE, CALL_TIMEOUT_MS, fd_list,
+                None)
         except GLib.Error as exc:
-            raise translate_error(exc, "Unlock") from None
+            raise translate_error(exc, "UnlockWithKeys") from None
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
         return str(reply.unpack()[0])
 
     def wait(self, volume: str, *, until: Iterable[str] = FINAL_STATES,
@@ -247,10 +263,7 @@ class DaemonLink(Protocol):
     def lock(self, volume: str) -> str:
         """See KeydClient."""
 
-    def unlock_passphrase(self, volume: str, passphrase: str) -> str:
-        """See KeydClient."""
-
-    def unlock_key(self, volume: str, key: bytes | bytearray) -> str:
+    def unlock_keys(self, volume: str, keys: Mapping[str, bytes | bytearray]) -> str:
         """See KeydClient."""
 
     def wait(self, volume: str, *, until: Iterable[str] = FINAL_STATES,
@@ -259,15 +272,13 @@ class DaemonLink(Protocol):
         """See KeydClient."""
 
 
-def remote_unlock(client: DaemonLink, volume: str, *, key: bytes | bytearray | None = None,
-                  passphrase: str | None = None, timeout: float = 300.0) -> str:
-    """Unlock through the daemon and wait for the outcome; returns the message to print."""
-    if key is not None:
-        client.unlock_key(volume, key)
-    elif passphrase is not None:
-        client.unlock_passphrase(volume, passphrase)
-    else:
+def remote_unlock(client: DaemonLink, volume: str, keys: Mapping[str, bytes | bytearray], *,
+                  timeout: float = 300.0) -> str:
+    """Unlock through the daemon with keys by key name ("" for every other name) and wait
+    for the outcome; returns the message to print."""
+    if not keys:
         raise DaemonError("no key given", fix="pass --key-file or --passphrase")
+    client.unlock_keys(volume, keys)
     return unlock_outcome(volume, *client.wait(volume, timeout=timeout, until=FINAL_STATES))
 
 

@@ -45,7 +45,7 @@ from keyd.daemon.uevents import (
 )
 from keyd.errors import KeydError, user_message
 from keyd.trust.report import StickReport, Verdict
-from keyd.trust.secret import SecretBytes
+from keyd.trust.secret import KeySet
 
 log = logging.getLogger("keyd.daemon")
 
@@ -272,12 +272,12 @@ class Daemon:
                        signer=report.signer, bundle_id=entry.bundle_id, result="rejected",
                        reason="UNKNOWN_VOLUME")
             return False
-        if not verdict.accepted or verdict.key is None:
+        if not verdict.accepted or verdict.keys is None:
             reason = verdict.reason.value if verdict.reason else "REJECTED"
             self.dispatch(entry.volume, ev.BundleRejected(stick.key, reason, entry.bundle_id))
             return False
         one = StickReport(None, report.message, report.signer, report.manifest, (verdict,))
-        ref = self.keys.put(SecretBytes(verdict.key.buffer), one)
+        ref = self.keys.put(verdict.keys.copy(), one)
         self.audit(entry.volume, A.BUNDLE_ACCEPTED, verdict.message, serial=stick.key,
                    signer=report.signer, bundle_id=entry.bundle_id, result="accepted")
         self.dispatch(entry.volume, ev.KeyArrived(ref, "stick", stick.key, report.signer,
@@ -353,7 +353,7 @@ class Daemon:
                     lambda: workers.mend(engine, vol, self.keys, ref_or_none), back)
             case ef.AskPassphrase(timeout):
                 self.loop.run_in_background(
-                    lambda: workers.ask(self.ports.asker, self.keys, volume, timeout), back)
+                    lambda: workers.ask(self.ports.asker, self.keys, vol, timeout), back)
 
     def _arm(self, volume: str, timer: ef.Timer, seconds: float) -> None:
         old = self._timers.pop((volume, timer), None)
@@ -396,11 +396,12 @@ class Daemon:
         return {"name": volume, "state": state_name(facts), "detail": detail(facts, policy),
                 "mountpoint": mountpoint, "dependents": policy.dependents,
                 "key_timed_out": str(facts.key_timed_out).lower(),
+                "key_names": ",".join(self.volumes[volume].key_names),
                 "lock_on_removal": str(policy.lock_on_removal).lower()}
 
-    def request_unlock(self, volume: str, secret: SecretBytes, by: str | None = None) -> str:
-        """Use a key given over D-Bus; returns the state right after (usually unlocking)."""
-        self.dispatch(volume, ev.KeyArrived(self.keys.put(secret), "dbus", by=by, seq=self._next()))
+    def request_unlock(self, volume: str, keys: KeySet, by: str | None = None) -> str:
+        """Use keys given over D-Bus; returns the state right after (usually unlocking)."""
+        self.dispatch(volume, ev.KeyArrived(self.keys.put(keys), "dbus", by=by, seq=self._next()))
         return self.state(volume)
 
     def request_lock(self, volume: str, by: str) -> str:

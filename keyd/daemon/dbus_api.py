@@ -22,7 +22,7 @@ from keyd.audit.ids import AuditEvent
 from keyd.daemon.bus_names import API_VERSION, BUS_NAME, INTERFACE, OBJECT_PATH
 from keyd.daemon.key_fd import BadKeyFd, read_key_fd
 from keyd.errors import KeydError
-from keyd.trust.secret import SecretBytes
+from keyd.trust.secret import KeySet, SecretBytes
 
 if TYPE_CHECKING:  # the daemon passes itself in; clients of this module need not load it
     from keyd.daemon.core import Daemon
@@ -42,6 +42,11 @@ INTROSPECTION = f"""
     <method name="Unlock">
       <arg type="s" name="volume" direction="in"/>
       <arg type="h" name="key_fd" direction="in"/>
+      <arg type="s" name="state" direction="out"/>
+    </method>
+    <method name="UnlockWithKeys">
+      <arg type="s" name="volume" direction="in"/>
+      <arg type="a{{sh}}" name="keys" direction="in"/>
       <arg type="s" name="state" direction="out"/>
     </method>
     <method name="UnlockWithPassphrase">
@@ -127,24 +132,38 @@ class ManagerService:
         return self.daemon.volume_info(volume)
 
     def Unlock(self, volume: str, key_fd: int, dbus_context: Any = None) -> str:
-        """Unlock with the key read from the passed file descriptor."""
+        """Unlock with the key read from the passed file descriptor (for every key name)."""
+        return self.UnlockWithKeys(volume, {"": key_fd}, dbus_context)
+
+    def UnlockWithKeys(self, volume: str, keys: dict[str, int], dbus_context: Any = None) -> str:
+        """Unlock with one key per key name, each read from its file descriptor.
+
+        The name "" stands for every key name not given one of its own.
+        """
         uid = self._authorize(dbus_context, volume)
+        names = self.daemon.volumes[volume].key_names
+        unknown = sorted(name for name in keys if name and name not in names)
+        if not keys or unknown:
+            raise BadRequest(f"volume {volume} has no key named {unknown[0]!r}" if unknown
+                             else "no key came with the call",
+                             fix=f"its key names are: {', '.join(names) or 'none'}")
         fd_list = dbus_context._mi.get_message().get_unix_fd_list()
-        if fd_list is None or key_fd >= fd_list.get_length():
-            raise BadRequest("no file descriptor came with the call",
-                             fix="pass the key as a UnixFD (type h) with the call")
+        read: dict[str | None, SecretBytes] = {}
         try:
-            key = read_key_fd(fd_list.get(key_fd))
-        except BadKeyFd as exc:
-            raise BadRequest(exc.message, fix=exc.fix) from None
-        return self.daemon.request_unlock(volume, key, f"D-Bus request by uid {uid}")
+            for name, index in sorted(keys.items()):
+                read[name or None] = _read_fd(fd_list, index)
+        except BaseException:
+            KeySet(read).wipe()
+            raise
+        return self.daemon.request_unlock(volume, KeySet(read), f"D-Bus request by uid {uid}")
 
     def UnlockWithPassphrase(self, volume: str, passphrase: str,
                              dbus_context: Any = None) -> str:
         """Unlock with a passphrase."""
         uid = self._authorize(dbus_context, volume)
-        return self.daemon.request_unlock(volume, SecretBytes(passphrase.encode("utf-8")),
-                                          f"D-Bus request by uid {uid}")
+        return self.daemon.request_unlock(
+            volume, KeySet.single(SecretBytes(passphrase.encode("utf-8"))),
+            f"D-Bus request by uid {uid}")
 
     def Lock(self, volume: str, dbus_context: Any = None) -> str:
         """Lock the volume (services are stopped first; busy volumes stay unlocked)."""
@@ -170,6 +189,17 @@ class ManagerService:
             raise AccessDenied(f"uid {uid} may not {context.method_name} volumes",
                                fix="run as root or as a member of the keyd admin group")
         return uid
+
+
+def _read_fd(fd_list: Any, index: int) -> SecretBytes:
+    """The key in the call's file descriptor number ``index``."""
+    if fd_list is None or not 0 <= index < fd_list.get_length():
+        raise BadRequest("a key's file descriptor did not come with the call",
+                         fix="pass each key as a UnixFD (type h) with the call")
+    try:
+        return read_key_fd(fd_list.get(index))
+    except BadKeyFd as exc:
+        raise BadRequest(exc.message, fix=exc.fix) from None
 
 
 def publish(bus: Any, service: ManagerService) -> Any:

@@ -1,7 +1,7 @@
 """Accepted keys, held in memory between verification and use, behind opaque handles.
 
 The daemon's facts and D-Bus only ever see the handle (``ref``); the bytes stay
-in a :class:`~keyd.trust.secret.SecretBytes` that is wiped when the handle is
+in a :class:`~keyd.trust.secret.KeySet` (secrets by key name) that is wiped when the handle is
 discarded (and all of them when the daemon stops).
 """
 
@@ -12,14 +12,14 @@ import threading
 from dataclasses import dataclass
 
 from keyd.trust.report import StickReport
-from keyd.trust.secret import SecretBytes
+from keyd.trust.secret import KeySet
 
 
 @dataclass
 class HeldKey:
-    """A key and where it came from (``report`` for committing trust state after use)."""
+    """Keys by key name and where they came from (``report`` for committing trust state)."""
 
-    secret: SecretBytes
+    keys: KeySet
     report: StickReport | None = None
 
 
@@ -31,11 +31,11 @@ class KeyStore:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
-    def put(self, secret: SecretBytes, report: StickReport | None = None) -> str:
-        """Take ownership of ``secret``; return its handle."""
+    def put(self, keys: KeySet, report: StickReport | None = None) -> str:
+        """Take ownership of ``keys``; return their handle."""
         with self._lock:
             ref = f"key-{next(self._ids)}"
-            self._keys[ref] = HeldKey(secret, report)
+            self._keys[ref] = HeldKey(keys, report)
         return ref
 
     def get(self, ref: str) -> HeldKey:
@@ -48,7 +48,7 @@ class KeyStore:
         with self._lock:
             held = self._keys.pop(ref, None)
         if held is not None:
-            held.secret.wipe()
+            held.keys.wipe()
 
     def wipe_all(self) -> None:
         """Wipe every key (at shutdown)."""

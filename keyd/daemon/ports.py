@@ -11,7 +11,7 @@ from keyd.engine.executor import KeySource
 from keyd.engine.service import Outcome
 from keyd.engine.status import VolumeReport
 from keyd.trust.report import StickReport
-from keyd.trust.secret import SecretBytes
+from keyd.trust.secret import KeySet
 
 
 class Scheduler(Protocol):
@@ -88,10 +88,11 @@ class StickChecker(Protocol):
 
 
 class PassphraseAsker(Protocol):
-    """Asks for a volume's passphrase (systemd-ask-password in production; runs in a worker)."""
+    """Asks for a volume's passphrases (systemd-ask-password in production; runs in a worker)."""
 
-    def ask(self, volume: str, timeout: float) -> SecretBytes | None:
-        """The passphrase, or None when nobody answered in time."""
+    def ask(self, volume: str, names: Sequence[str], timeout: float) -> KeySet | None:
+        """One passphrase per key name (one for all when ``names`` has at most one), or None
+        when a question went unanswered in ``timeout`` seconds in all."""
         ...
 
 

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from keyd.config.model import CryptLayer, RaidLayer, Volume, ZfsLayer
+from keyd.config.model import RaidLayer, Volume, ZfsLayer
 from keyd.daemon import events as ev
 from keyd.daemon.keystore import KeyStore
 from keyd.daemon.ports import PassphraseAsker, UnitManager, VolumeEngine
@@ -64,18 +64,13 @@ def observed_kind(report: VolumeReport) -> ev.ObservedKind:
     return "partial" if any(layer.open and layer.owned for layer in report.layers) else "locked"
 
 
-def key_names(volume: Volume) -> list[str]:
-    """The key names the volume's crypt layers ask for."""
-    return list(dict.fromkeys(layer.key for layer in volume.layers
-                              if isinstance(layer, CryptLayer)))
-
-
 def _keys(volume: Volume, store: KeyStore, ref: str | None) -> MappingKeys:
-    """The key behind ``ref`` for each key name (one bundle key serves them all)."""
+    """The keys behind ``ref`` by key name (a name's own secret, else the set's default)."""
     if ref is None:
         return MappingKeys({})
-    secret = store.get(ref).secret
-    return MappingKeys({name: secret.buffer for name in key_names(volume)})
+    held = store.get(ref).keys
+    return MappingKeys({name: secret.buffer for name in volume.key_names
+                        if (secret := held.get(name)) is not None})
 
 
 def still_degraded(engine: VolumeEngine, volume: Volume) -> bool:
@@ -162,12 +157,12 @@ def _still_open(engine: VolumeEngine, volume: Volume) -> ev.ObservedKind:
         return "partial"
 
 
-def ask(asker: PassphraseAsker, store: KeyStore, volume: str, timeout: float) -> ev.Event:
-    """Ask for the passphrase; a reply becomes a key handle."""
+def ask(asker: PassphraseAsker, store: KeyStore, volume: Volume, timeout: float) -> ev.Event:
+    """Ask for the passphrase of each key name; the replies become one key handle."""
     try:
-        secret = asker.ask(volume, timeout)
+        keys = asker.ask(volume.name, volume.key_names, timeout)
     except Exception as exc:  # a worker must always report back
         return ev.PassphraseUnavailable(user_message(exc).splitlines()[0])
-    if secret is None:
+    if keys is None:
         return ev.PassphraseUnavailable("no answer")
-    return ev.KeyArrived(store.put(secret), "passphrase")
+    return ev.KeyArrived(store.put(keys), "passphrase")

@@ -1,9 +1,10 @@
 """Enrollment: write (or extend) a signed key bundle in ``DIR/keyd/``.
 
 The new key goes into ``keyd/<volume>.key`` (raw) or ``keyd/<volume>.key.gpg``
-(encrypted to the host key); the manifest gains or replaces the volume's
-entry, and the replaced entry's bundle id is added to the manifest's
-``[revoke]`` list; then the manifest is signed again. An existing manifest is
+(encrypted to the host key), a key for one key name into ``keyd/<volume>.<name>.key``;
+the manifest gains or replaces the volume's entry, the replaced entry's bundle id is
+added to the manifest's ``[revoke]`` list and its key files leave the stick; then the
+manifest is signed again. An existing manifest is
 only extended if its signature verifies against the pinned signers or the
 signing key, so enrollment never re-signs (launders) a tampered bundle.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -24,13 +26,14 @@ from keyd.trust.manifest import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
     KeyEntry,
+    KeyFile,
     Manifest,
     parse_manifest,
     render_manifest,
 )
 from keyd.trust.revocation import Revocations
 from keyd.trust.safe_read import BUNDLE_DIR, read_bundle
-from keyd.trust.secret import SecretBytes
+from keyd.trust.secret import KeySet, SecretBytes
 from keyd.trust.status import judge_output
 
 
@@ -51,9 +54,10 @@ class EnrollRequest:
     bundle_id: str | None = None
 
 
-def key_file_name(volume: str, encrypted: bool) -> str:
-    """The file name of a volume's key inside ``keyd/``."""
-    return f"{volume}.key.gpg" if encrypted else f"{volume}.key"
+def key_file_name(volume: str, encrypted: bool, name: str | None = None) -> str:
+    """The file name of a volume's key (for key name ``name``) inside ``keyd/``."""
+    stem = f"{volume}.{name}.key" if name is not None else f"{volume}.key"
+    return f"{stem}.gpg" if encrypted else stem
 
 
 def next_generation(existing: Manifest | None, volume: str, last_accepted: int | None) -> int:
@@ -62,17 +66,25 @@ def next_generation(existing: Manifest | None, volume: str, last_accepted: int |
     return max([last_accepted or 0, *on_stick]) + 1
 
 
-def new_entry(request: EnrollRequest, stored: bytes, generation: int) -> KeyEntry:
-    """The manifest entry for ``stored`` (the key file bytes as written to the stick)."""
+def stored_file(volume: str, name: str | None, stored: bytes, encrypted: bool) -> KeyFile:
+    """The manifest's record of one key file as written to the stick (``stored`` bytes)."""
+    return KeyFile(key_file_name(volume, encrypted, name), hashlib.sha256(stored).hexdigest(),
+                   encrypted, name)
+
+
+def new_entry(request: EnrollRequest, stored: Mapping[str | None, bytes],
+              generation: int) -> KeyEntry:
+    """The manifest entry for ``stored`` (each key file's bytes as written to the stick)."""
     encrypted = request.encrypt_to is not None
     return KeyEntry(
         volume=request.volume, bundle_id=request.bundle_id or str(uuid.uuid4()),
-        file=key_file_name(request.volume, encrypted),
-        sha256=hashlib.sha256(stored).hexdigest(), generation=generation,
+        secrets=tuple(stored_file(request.volume, name, data, encrypted)
+                      for name, data in stored.items()),
+        generation=generation,
         not_before=request.not_before.replace(microsecond=0),
         not_after=request.not_after.replace(microsecond=0) if request.not_after else None,
         volume_uuid=request.volume_uuid, bind_serial=request.bind_serial,
-        bind_fs_uuid=request.bind_fs_uuid, encrypted=encrypted)
+        bind_fs_uuid=request.bind_fs_uuid)
 
 
 def merge(existing: Manifest | None, entry: KeyEntry, created: datetime) -> Manifest:
@@ -85,6 +97,15 @@ def merge(existing: Manifest | None, entry: KeyEntry, created: datetime) -> Mani
         Revocations(bundle_ids=frozenset(k.bundle_id for k in previous)))
     return replace(existing, keys=(*kept, entry), revocations=revoked,
                    created=created.replace(microsecond=0))
+
+
+def replaced_files(existing: Manifest | None, entry: KeyEntry) -> list[str]:
+    """Key files of the volume's replaced entry that the new entry does not reuse."""
+    if existing is None:
+        return []
+    kept = {secret.file for secret in entry.secrets}
+    return sorted({secret.file for old in existing.keys if old.volume == entry.volume
+                   for secret in old.secrets} - kept)
 
 
 def readable(directory: Path, manifest: bytes) -> None:
@@ -110,27 +131,67 @@ class Enroller:
         self.gpg = gpg
         self.signers = signers
 
-    def enroll(self, request: EnrollRequest, key: SecretBytes, now: datetime,
+    def enroll(self, request: EnrollRequest, keys: KeySet, now: datetime,
                last_accepted: int | None = None) -> KeyEntry:
-        """Write the key file, the merged manifest and its signature; return the new entry.
+        """Write the key files, the merged manifest and its signature; return the new entry.
 
         Without an explicit generation the next one is used (see :func:`next_generation`).
         """
-        directory = request.output / BUNDLE_DIR
         existing = self.existing_manifest(request)
         generation = request.generation or next_generation(existing, request.volume,
                                                            last_accepted)
-        stored = (self.gpg.encrypt(key.buffer, request.encrypt_to) if request.encrypt_to
-                  else bytes(key.buffer))
-        entry = new_entry(request, stored, generation)
+        stored = {name: self._stored(request, secret) for name, secret in keys.items()}
+        return self.write(request, new_entry(request, stored, generation), stored, existing, now)
+
+    def _stored(self, request: EnrollRequest, secret: SecretBytes) -> bytes:
+        if request.encrypt_to:
+            return self.gpg.encrypt(secret.buffer, request.encrypt_to)
+        return bytes(secret.buffer)
+
+    def write(self, request: EnrollRequest, entry: KeyEntry, stored: Mapping[str | None, bytes],
+              existing: Manifest | None, now: datetime) -> KeyEntry:
+        """Write ``entry``'s files, the manifest merged with it and the signature."""
+        directory = request.output / BUNDLE_DIR
         manifest_bytes = render_manifest(merge(existing, entry, now))
         readable(directory, manifest_bytes)
         signature = self.gpg.sign_detached(manifest_bytes, request.signing_key)
-        # Key first, signature last: a crash leaves a bundle that fails verification, not a
+        # Keys first, signature last: a crash leaves a bundle that fails verification, not a
         # bundle that verifies with a stale key.
-        write_atomic(directory / entry.file, stored, mode=0o600)
+        for secret in entry.secrets:
+            write_atomic(directory / secret.file, stored[secret.name], mode=0o600)
         write_atomic(directory / MANIFEST_NAME, manifest_bytes, mode=0o644)
         write_atomic(directory / SIGNATURE_NAME, signature, mode=0o644)
+        for name in replaced_files(existing, entry):
+            (directory / name).unlink(missing_ok=True)  # the retired key leaves the stick
+        return entry
+
+    def backup(self, request: EnrollRequest, source: Path, now: datetime) -> KeyEntry:
+        """Copy the volume's bundle in ``source`` to another stick, at the same generation.
+
+        The copy is a bundle of its own (new id, bound to its own stick): using either stick
+        never retires the other, and a lost one is revoked by its bundle id or serial alone.
+        """
+        original = self._source_entry(request, source)
+        with read_bundle(source) as raw:
+            stored = {secret.name: bytes(raw.files[secret.file]) for secret in original.secrets
+                      if secret.file in raw.files}
+        if len(stored) != len(original.secrets):
+            raise TrustError(Reason.MISSING_KEY_FILE, f"{source}/{BUNDLE_DIR} lacks a key file "
+                             f"of volume {request.volume}", subject=str(source),
+                             fix="back up from the complete primary stick")
+        entry = replace(original, bundle_id=request.bundle_id or str(uuid.uuid4()),
+                        bind_serial=request.bind_serial, bind_fs_uuid=request.bind_fs_uuid,
+                        not_after=request.not_after or original.not_after)
+        return self.write(request, entry, stored, self.existing_manifest(request), now)
+
+    def _source_entry(self, request: EnrollRequest, source: Path) -> KeyEntry:
+        manifest = self.existing_manifest(replace(request, output=source))
+        entry = next((k for k in manifest.keys if k.volume == request.volume), None) \
+            if manifest else None
+        if entry is None:
+            raise TrustError(Reason.NO_BUNDLE, f"{source} holds no bundle for volume "
+                             f"{request.volume}", subject=str(source),
+                             fix="point --backup-of at the primary stick's mount point")
         return entry
 
     def existing_manifest(self, request: EnrollRequest) -> Manifest | None:

@@ -1,9 +1,15 @@
-"""The signed manifest of a key bundle: a pure parser and writer (format 1).
+"""The signed manifest of a key bundle: a pure parser and writer (formats 1 and 2).
 
 The manifest is UTF-8 TOML (see docs/bundle-format.md). Parsing is strict:
 unknown keys, wrong types, naive datetimes, duplicate volumes or files are
 all refused with a :class:`~keyd.trust.errors.ManifestError`; no other
 exception escapes :func:`parse_manifest`, whatever the input.
+
+Format 1 gives each volume one key file, used for every crypt layer. Format 2
+gives an entry one or more ``[[key.secret]]`` tables, each for one key name (a
+crypt layer's ``key``), so two layers made with different passphrases open
+from one stick. keyd writes format 1 whenever the bundle fits it, so older
+keyds keep reading what they can.
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ from keyd.trust.revocation import Revocations, revocations_from_table, valid_tok
 from keyd.trust.tomlw import toml_table
 
 FORMAT = 1
+NAMED_FORMAT = 2
+FORMATS = (FORMAT, NAMED_FORMAT)
 MAX_MANIFEST_BYTES = 64 * 1024
 MAX_KEYS = 64
+MAX_SECRETS = 16
 MAX_GENERATION = 2**63 - 1
 MANIFEST_NAME = "manifest"
 SIGNATURE_NAME = "manifest.sig"
@@ -29,25 +38,44 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 _UUID = re.compile(r"[0-9A-Za-z][0-9A-Za-z-]{0,63}\Z")
 _TOP = frozenset({"format", "created", "key", "revoke"})
-_ENTRY = frozenset({"volume", "volume_uuid", "bundle_id", "file", "sha256", "encrypted",
-                    "generation", "not_before", "not_after", "bind_serial", "bind_fs_uuid"})
+_COMMON = frozenset({"volume", "volume_uuid", "bundle_id", "generation", "not_before",
+                     "not_after", "bind_serial", "bind_fs_uuid"})
+_FILE = frozenset({"file", "sha256", "encrypted"})
+_SECRET = _FILE | {"name"}
+_ENTRY = {FORMAT: _COMMON | _FILE, NAMED_FORMAT: _COMMON | {"secret"}}
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    """One secret of a bundle: a file in ``keyd/`` and the key name it serves.
+
+    ``name`` None serves every key name of the volume the entry does not list.
+    """
+
+    file: str
+    sha256: str
+    encrypted: bool = False
+    name: str | None = None
 
 
 @dataclass(frozen=True)
 class KeyEntry:
-    """One key of the bundle: which volume it opens, where it may live, and when."""
+    """One bundle: which volume its secrets open, where they may live, and when."""
 
     volume: str
     bundle_id: str
-    file: str
-    sha256: str
+    secrets: tuple[KeyFile, ...]
     generation: int
     not_before: datetime
     not_after: datetime | None = None
     volume_uuid: str | None = None
     bind_serial: str | None = None
     bind_fs_uuid: str | None = None
-    encrypted: bool = False
+
+    @property
+    def named(self) -> bool:
+        """True when the entry needs format 2 (a named secret, or more than one)."""
+        return len(self.secrets) > 1 or any(s.name is not None for s in self.secrets)
 
 
 @dataclass(frozen=True)
@@ -57,7 +85,11 @@ class Manifest:
     keys: tuple[KeyEntry, ...]
     revocations: Revocations = field(default_factory=Revocations)
     created: datetime | None = None
-    format: int = FORMAT
+
+    @property
+    def format(self) -> int:
+        """The lowest format that can carry these entries."""
+        return NAMED_FORMAT if any(entry.named for entry in self.keys) else FORMAT
 
 
 def _bad(where: str, problem: str, reason: Reason = Reason.MALFORMED_MANIFEST) -> ManifestError:
@@ -90,50 +122,80 @@ def manifest_from_table(table: Any) -> Manifest:
         raise _bad(unknown[0], "is not a manifest key")
     version = table.get("format")
     if type(version) is not int:
-        raise _bad("format", "must be the integer 1")
-    if version != FORMAT:
-        raise _bad("format", f"version {version} is not supported (this keyd reads {FORMAT})",
+        raise _bad("format", "must be the integer 1 or 2")
+    if version not in FORMATS:
+        raise _bad("format", f"version {version} is not supported (this keyd reads 1 and 2)",
                    Reason.UNSUPPORTED_FORMAT)
     created = _optional_time(table, "created", "created")
-    keys = _entries(table.get("key"))
+    keys = _entries(table.get("key"), version)
     revoked = revocations_from_table(table.get("revoke", {}), "revoke")
     return Manifest(keys, revoked, created)
 
 
-def _entries(value: Any) -> tuple[KeyEntry, ...]:
+def _entries(value: Any, version: int) -> tuple[KeyEntry, ...]:
     if not isinstance(value, list) or not value:
         raise _bad("key", "needs at least one [[key]] table")
     if len(value) > MAX_KEYS:
         raise _bad("key", f"has more than {MAX_KEYS} entries")
-    entries = tuple(_entry(item, f"key[{index}]") for index, item in enumerate(value))
-    for name in ("volume", "file", "bundle_id"):
-        seen = [getattr(entry, name) for entry in entries]
-        duplicates = sorted({item for item in seen if seen.count(item) > 1})
-        if duplicates:
-            raise _bad("key", f"{name} {duplicates[0]!r} appears more than once")
+    entries = tuple(_entry(item, f"key[{index}]", version) for index, item in enumerate(value))
+    _unique("key", "volume", [entry.volume for entry in entries])
+    _unique("key", "bundle_id", [entry.bundle_id for entry in entries])
+    _unique("key", "file", [secret.file for entry in entries for secret in entry.secrets])
     return entries
 
 
-def _entry(item: Any, where: str) -> KeyEntry:
+def _unique(where: str, name: str, seen: list[Any]) -> None:
+    duplicates = sorted({item for item in seen if seen.count(item) > 1}, key=str)
+    if duplicates:
+        raise _bad(where, f"{name} {duplicates[0]!r} appears more than once")
+
+
+def _entry(item: Any, where: str, version: int) -> KeyEntry:
     if not isinstance(item, dict):
         raise _bad(where, "must be a table")
-    unknown = sorted(set(item) - _ENTRY)
+    unknown = sorted(set(item) - _ENTRY[version])
     if unknown:
-        raise _bad(f"{where}.{unknown[0]}", "is not a key-entry field")
+        raise _bad(f"{where}.{unknown[0]}", f"is not a key-entry field of format {version}")
     entry = KeyEntry(
         volume=_matching(item, "volume", where, _NAME),
         bundle_id=_token(item, "bundle_id", where),
-        file=_file_name(item, where),
-        sha256=_matching(item, "sha256", where, _HEX64),
+        secrets=(_secrets(item.get("secret"), f"{where}.secret") if version == NAMED_FORMAT
+                 else (_key_file(item, where),)),
         generation=_generation(item, where),
         not_before=_time(item, "not_before", where),
         not_after=_optional_time(item, "not_after", f"{where}.not_after"),
         volume_uuid=_optional_match(item, "volume_uuid", where, _UUID),
         bind_serial=_optional_token(item, "bind_serial", where),
         bind_fs_uuid=_optional_match(item, "bind_fs_uuid", where, _UUID),
-        encrypted=_boolean(item, "encrypted", where),
     )
     return _checked(entry, where)
+
+
+def _secrets(value: Any, where: str) -> tuple[KeyFile, ...]:
+    if not isinstance(value, list) or not value:
+        raise _bad(where, "needs at least one [[key.secret]] table")
+    if len(value) > MAX_SECRETS:
+        raise _bad(where, f"has more than {MAX_SECRETS} secrets")
+    secrets = tuple(_named_file(item, f"{where}[{index}]") for index, item in enumerate(value))
+    _unique(where, "name", [secret.name or "(every other key name)" for secret in secrets])
+    return secrets
+
+
+def _named_file(item: Any, where: str) -> KeyFile:
+    if not isinstance(item, dict):
+        raise _bad(where, "must be a table")
+    unknown = sorted(set(item) - _SECRET)
+    if unknown:
+        raise _bad(f"{where}.{unknown[0]}", "is not a secret field (name, file, sha256, "
+                   "encrypted)")
+    secret = _key_file(item, where)
+    name = _optional_match(item, "name", where, _NAME)
+    return KeyFile(secret.file, secret.sha256, secret.encrypted, name)
+
+
+def _key_file(item: dict[str, Any], where: str) -> KeyFile:
+    return KeyFile(file=_file_name(item, where), sha256=_matching(item, "sha256", where, _HEX64),
+                   encrypted=_boolean(item, "encrypted", where))
 
 
 def _checked(entry: KeyEntry, where: str) -> KeyEntry:
@@ -215,7 +277,11 @@ def _optional_time(item: dict[str, Any], name: str, where: str) -> datetime | No
 def render_manifest(manifest: Manifest) -> bytes:
     """The manifest as TOML text; :func:`parse_manifest` reads back an equal Manifest."""
     parts = [toml_table(None, [("format", manifest.format), ("created", manifest.created)])]
-    parts += [toml_table("[[key]]", _entry_items(entry)) for entry in manifest.keys]
+    for entry in manifest.keys:
+        parts.append(toml_table("[[key]]", _entry_items(entry, manifest.format)))
+        if manifest.format == NAMED_FORMAT:
+            parts += [toml_table("[[key.secret]]", _file_items(secret))
+                      for secret in entry.secrets]
     if manifest.revocations:
         revoked = manifest.revocations
         parts.append(toml_table("[revoke]", [
@@ -225,9 +291,14 @@ def render_manifest(manifest: Manifest) -> bytes:
     return "\n".join(parts).encode()
 
 
-def _entry_items(entry: KeyEntry) -> list[tuple[str, Any]]:
+def _entry_items(entry: KeyEntry, version: int) -> list[tuple[str, Any]]:
+    files = _file_items(entry.secrets[0]) if version == FORMAT else []
     return [("volume", entry.volume), ("volume_uuid", entry.volume_uuid),
-            ("bundle_id", entry.bundle_id), ("file", entry.file), ("sha256", entry.sha256),
-            ("encrypted", entry.encrypted), ("generation", entry.generation),
+            ("bundle_id", entry.bundle_id), *files, ("generation", entry.generation),
             ("not_before", entry.not_before), ("not_after", entry.not_after),
             ("bind_serial", entry.bind_serial), ("bind_fs_uuid", entry.bind_fs_uuid)]
+
+
+def _file_items(secret: KeyFile) -> list[tuple[str, Any]]:
+    return [("name", secret.name), ("file", secret.file), ("sha256", secret.sha256),
+            ("encrypted", secret.encrypted)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from keyd.trust.errors import Reason
-from keyd.trust.secret import SecretBytes, WipeOnExit
+from keyd.trust.secret import KeySet, WipeOnExit
 
 if TYPE_CHECKING:
     from keyd.trust.manifest import KeyEntry, Manifest
@@ -19,12 +19,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class Verdict:
-    """The outcome for one key of the manifest; ``key`` is set only when accepted."""
+    """The outcome for one bundle of the manifest; ``keys`` is set only when accepted."""
 
     entry: KeyEntry
     reason: Reason | None
     message: str
-    key: SecretBytes | None = None
+    keys: KeySet | None = None
 
     @property
     def accepted(self) -> bool:
@@ -50,5 +50,5 @@ class StickReport(WipeOnExit):
     def wipe(self) -> None:
         """Zero every key buffer handed out."""
         for verdict in self.verdicts:
-            if verdict.key is not None:
-                verdict.key.wipe()
+            if verdict.keys is not None:
+                verdict.keys.wipe()

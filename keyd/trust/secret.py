@@ -7,6 +7,7 @@ not a guarantee. The bytes never appear in ``repr``, ``str`` or exceptions.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Self
 
@@ -58,5 +59,52 @@ class SecretBytes(WipeOnExit):
 
     def __repr__(self) -> str:
         return f"<SecretBytes {len(self._buffer)} bytes>"
+
+    __str__ = __repr__
+
+
+class KeySet(WipeOnExit):
+    """Secrets by key name (a crypt layer's ``key``); the one under None serves every other name.
+
+    A format 1 bundle, one ``--key-file`` or one passphrase is a set with only that
+    default; a format 2 bundle names a secret per layer.
+    """
+
+    __slots__ = ("_secrets",)
+
+    def __init__(self, secrets: Mapping[str | None, SecretBytes]) -> None:
+        self._secrets = dict(secrets)
+
+    @classmethod
+    def single(cls, secret: SecretBytes) -> KeySet:
+        """One secret for every key name."""
+        return cls({None: secret})
+
+    def get(self, name: str) -> SecretBytes | None:
+        """The secret for key name ``name``: its own, else the default, else None."""
+        return self._secrets.get(name, self._secrets.get(None))
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The key names given a secret of their own."""
+        return frozenset(name for name in self._secrets if name is not None)
+
+    def items(self) -> list[tuple[str | None, SecretBytes]]:
+        """(name, secret) pairs, the default (None) first, then by name."""
+        return sorted(self._secrets.items(), key=lambda item: (item[0] is not None, item[0] or ""))
+
+    def copy(self) -> KeySet:
+        """Separate buffers with the same bytes (wiping one set leaves the other)."""
+        return KeySet({name: SecretBytes(secret.buffer) for name, secret in self._secrets.items()})
+
+    def wipe(self) -> None:
+        """Zero every secret."""
+        for secret in self._secrets.values():
+            secret.wipe()
+
+    def __repr__(self) -> str:
+        names = ", ".join(sorted(self.names)) or "-"
+        default = " + default" if None in self._secrets else ""
+        return f"<KeySet names {names}{default}>"
 
     __str__ = __repr__

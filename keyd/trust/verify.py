@@ -24,11 +24,18 @@ from pathlib import Path
 from keyd.trust.errors import BundleRejected, Reason, SignatureRejected, TrustError, UnsafeStickError
 from keyd.trust.generations import GenerationStore
 from keyd.trust.gpg import KeyDecryptor, SignatureChecker
-from keyd.trust.manifest import MANIFEST_NAME, SIGNATURE_NAME, KeyEntry, Manifest, parse_manifest
+from keyd.trust.manifest import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    KeyEntry,
+    KeyFile,
+    Manifest,
+    parse_manifest,
+)
 from keyd.trust.report import StickReport, Verdict
 from keyd.trust.revocation import Revocations, load_revocations, save_revocations
 from keyd.trust.safe_read import RawBundle, read_bundle
-from keyd.trust.secret import SecretBytes
+from keyd.trust.secret import KeySet, SecretBytes
 from keyd.trust.settings import Limits, TrustSettings
 from keyd.trust.status import judge_output
 
@@ -96,19 +103,19 @@ def check_generation(entry: KeyEntry, last: int | None) -> None:
                           subject=entry.volume, fix="use the stick with the current key")
 
 
-def check_key_file(entry: KeyEntry, raw: RawBundle) -> bytearray:
-    """Return the key file's bytes if present, safely read and matching the manifest hash."""
-    if entry.file in raw.problems:
-        problem = raw.problems[entry.file]
+def check_key_file(entry: KeyEntry, secret: KeyFile, raw: RawBundle) -> bytearray:
+    """Return a key file's bytes if present, safely read and matching the manifest hash."""
+    if secret.file in raw.problems:
+        problem = raw.problems[secret.file]
         raise BundleRejected(problem.reason, f"volume {entry.volume}: {problem.message}",
                           subject=entry.volume)
-    data = raw.files.get(entry.file)
+    data = raw.files.get(secret.file)
     if data is None:
         raise BundleRejected(Reason.MISSING_KEY_FILE, f"volume {entry.volume}: key file "
-                          f"keyd/{entry.file} is not on the stick", subject=entry.volume)
-    if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), entry.sha256):
-        raise BundleRejected(Reason.HASH_MISMATCH, f"volume {entry.volume}: keyd/{entry.file} does "
-                          "not match the SHA-256 in the signed manifest", subject=entry.volume)
+                          f"keyd/{secret.file} is not on the stick", subject=entry.volume)
+    if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), secret.sha256):
+        raise BundleRejected(Reason.HASH_MISMATCH, f"volume {entry.volume}: keyd/{secret.file} "
+                          "does not match the SHA-256 in the signed manifest", subject=entry.volume)
     return data
 
 
@@ -122,16 +129,19 @@ class Checks:
     revoked: Revocations
 
 
-def check_entry(entry: KeyEntry, raw: RawBundle, checks: Checks) -> bytearray:
-    """Run every per-key check; return the (still possibly encrypted) key file bytes."""
+def check_entry(entry: KeyEntry, raw: RawBundle, checks: Checks) -> list[bytearray]:
+    """Run every per-key check; return each secret's (still possibly encrypted) file bytes.
+
+    The entry is one unit: if any of its files fails, none of its secrets is used.
+    """
     if entry.bundle_id in checks.revoked.bundle_ids:
         raise BundleRejected(Reason.REVOKED_BUNDLE, f"volume {entry.volume}: bundle "
                           f"{entry.bundle_id} is revoked", subject=entry.volume)
-    data = check_key_file(entry, raw)
+    files = [check_key_file(entry, secret, raw) for secret in entry.secrets]
     check_window(entry, checks.now)
     check_binding(entry, checks.stick)
     check_generation(entry, checks.generations.get(entry.volume))
-    return data
+    return files
 
 
 def _utcnow() -> datetime:
@@ -176,21 +186,30 @@ class Verifier:
         return signer, parse_manifest(bytes(data))
 
     def _verdict(self, entry: KeyEntry, raw: RawBundle, checks: Checks) -> Verdict:
+        opened: dict[str | None, SecretBytes] = {}
         try:
-            data = check_entry(entry, raw, checks)
-            key = self._plaintext(entry, data)
+            files = check_entry(entry, raw, checks)
+            for secret, data in zip(entry.secrets, files, strict=True):
+                opened[secret.name] = self._plaintext(entry, secret, data)
         except TrustError as exc:
+            KeySet(opened).wipe()
             return Verdict(entry, exc.reason, exc.message)
         return Verdict(entry, None, f"volume {entry.volume}: accepted (generation "
-                       f"{entry.generation}, bundle {entry.bundle_id})", key)
+                       f"{entry.generation}, bundle {entry.bundle_id}{_named(entry)})",
+                       KeySet(opened))
 
-    def _plaintext(self, entry: KeyEntry, data: bytearray) -> SecretBytes:
-        if not entry.encrypted:
+    def _plaintext(self, entry: KeyEntry, secret: KeyFile, data: bytearray) -> SecretBytes:
+        if not secret.encrypted:
             return SecretBytes(data)
         if self.decryptor is None:
             raise BundleRejected(Reason.DECRYPT_FAILED, f"volume {entry.volume}: key is encrypted "
                               "but no decryptor was given", subject=entry.volume)
         return self.decryptor.decrypt(data)
+
+
+def _named(entry: KeyEntry) -> str:
+    names = sorted(secret.name for secret in entry.secrets if secret.name is not None)
+    return f", keys {', '.join(names)}" if names else ""
 
 
 def refused(error: TrustError) -> StickReport:

@@ -25,9 +25,9 @@ from keyd.engine.service import Outcome
 from keyd.engine.status import VolumeReport
 from keyd.errors import KeydError
 from keyd.trust.errors import Reason
-from keyd.trust.manifest import KeyEntry, Manifest
+from keyd.trust.manifest import KeyEntry, KeyFile, Manifest
 from keyd.trust.report import StickReport, Verdict
-from keyd.trust.secret import SecretBytes
+from keyd.trust.secret import KeySet, SecretBytes
 
 CONFIG = parse_config(textwrap.dedent("""
     [volume.tank]
@@ -240,13 +240,14 @@ class FakeUnits:
 
 def entry(volume: str, bundle: str = "b-1") -> KeyEntry:
     """A manifest entry for ``volume``."""
-    return KeyEntry(volume, bundle, f"{volume}.key", "0" * 64, 3,
+    return KeyEntry(volume, bundle, (KeyFile(f"{volume}.key", "0" * 64),), 3,
                     datetime(2026, 1, 1, tzinfo=UTC))
 
 
 def accepted(*volumes: str, key: bytes = GOOD_KEY) -> StickReport:
     """A report accepting one key (``key``) per volume."""
-    verdicts = tuple(Verdict(entry(v), None, f"volume {v}: accepted", SecretBytes(key))
+    verdicts = tuple(Verdict(entry(v), None, f"volume {v}: accepted",
+                             KeySet.single(SecretBytes(key)))
                      for v in volumes)
     return StickReport(None, "ok", SIGNER, Manifest(tuple(v.entry for v in verdicts)), verdicts)
 
@@ -288,11 +289,11 @@ class FakeAsker:
     answers: list[bytes | None] = field(default_factory=list)
     asked: list[tuple[str, float]] = field(default_factory=list)
 
-    def ask(self, volume: str, timeout: float) -> SecretBytes | None:
-        """The next scripted answer (None: unanswered)."""
+    def ask(self, volume: str, names: Sequence[str], timeout: float) -> KeySet | None:
+        """The next scripted answer, for every key name (None: unanswered)."""
         self.asked.append((volume, timeout))
         answer = self.answers.pop(0) if self.answers else None
-        return SecretBytes(answer) if answer is not None else None
+        return KeySet.single(SecretBytes(answer)) if answer is not None else None
 
 
 @dataclass

@@ -19,18 +19,13 @@ from keyd_lab.daemon_setup import (
 
 from .conftest import GuestLab
 from .guest.daemon_lab import (
+    answer_question,
+    asked,
     format_volume,
     volume_toml,
 )
 
 VOLUME = "golf"
-# What an agent does (systemd-tty-ask-password-agent, Plymouth): find the question by its
-# Id= in /run/systemd/ask-password/ask.*, answer on the Socket= it names.
-AGENT = f"""
-f=$(grep -l '^Id=keyd:{VOLUME}$' /run/systemd/ask-password/ask.* | head -n1)
-sock=$(sed -n 's/^Socket=//p' "$f")
-/lib/systemd/systemd-reply-password 1 "$sock"
-"""
 
 
 def test_passphrase_fallback_is_answered_through_the_ask_password_agent_interface(
@@ -42,13 +37,12 @@ def test_passphrase_fallback_is_answered_through_the_ask_password_agent_interfac
     install_keyd(guest, signer, config_toml(signer, volume_toml(VOLUME, disk, policy=policy)))
     try:
         start_keyd(guest)
-        asked = f"grep -qx 'Id=keyd:{VOLUME}' /run/systemd/ask-password/ask.*"
-        assert wait_until(guest, asked, 180), journal_text(guest, "keyd.service")
+        assert wait_until(guest, asked(f"keyd:{VOLUME}"), 180), journal_text(guest, "keyd.service")
         question = guest.sh(f"cat $(grep -l 'Id=keyd:{VOLUME}' /run/systemd/ask-password/ask.*)")
         print(f"\nthe question keyd asked:\n{question}")
         assert f"Passphrase for keyd volume {VOLUME}" in question
 
-        guest.check(["sh", "-ec", AGENT], input=volume_key(VOLUME), timeout=60)
+        answer_question(guest, f"keyd:{VOLUME}", volume_key(VOLUME))
 
         assert wait_until(guest, f"findmnt /mnt/t/{VOLUME}", 180), journal_text(guest, "keyd.service")
         assert volume_state(guest, VOLUME) == "unlocked"

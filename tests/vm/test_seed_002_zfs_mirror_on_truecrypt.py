@@ -1,10 +1,13 @@
 """Seed 002 on a real kernel: a ZFS mirror on two TrueCrypt volumes, and a pool on 4K-sector LUKS.
 
 The volumes are made as the seed's author made them: tcplay creates two raw
-TrueCrypt volumes, `zpool create -o ashift=9 ... mirror` joins their mappings,
-checksummed data is written, the pool is exported and the mappings closed.
-keyd is driven only through keydctl in the guest, with the two passphrases
-read from one stick; results are read from the kernel (zpool, dmsetup, sha256).
+TrueCrypt volumes with passphrases of their own, `zpool create -o ashift=9 ...
+mirror` joins their mappings, checksummed data is written, the pool is exported
+and the mappings closed. keyd is driven through keydctl in the guest (direct
+mode, the passphrases read from one plain stick) and as keyd.service (the
+passphrase fallback asking per key name, keydctl unlock with a key file per
+name, and a signed stick carrying both passphrases); results are read from the
+kernel (zpool, dmsetup, sha256).
 """
 
 from __future__ import annotations
@@ -15,12 +18,28 @@ from pathlib import Path
 import pytest
 
 from keyd.runner import SubprocessRunner
+from keyd_lab.daemon_setup import (
+    GUEST_BIN,
+    Signer,
+    audit_records,
+    config_toml,
+    cursor,
+    events,
+    install_keyd,
+    journal_text,
+    make_stick,
+    start_keyd,
+    stop_keyd,
+    volume_state,
+    wait_until,
+)
 from keyd_lab.media import StickSpec, build_stick
 from tests.configs import LUKS, seed_002, zfs_on_crypt
 
 from .conftest import GuestLab
 from .fixtures.keydctl import RUN_DIR, Kernel, Keydctl, tcplay
 from .fixtures.zfs import export_all, pools, vdevs
+from .guest.daemon_lab import answer_question, asked
 
 POOL, POOL4K = "secretpool", "pool4k"
 PASSPHRASES = {"k1": "first TrueCrypt volume 2017", "k2": "second TrueCrypt volume 2017"}
@@ -182,3 +201,58 @@ def test_pool_on_luks_on_a_4k_sector_disk_keeps_ashift_12(zfs: GuestLab) -> None
     assert kernel.checksums(f"/mnt/t/{POOL4K}") == sums
     assert keydctl.ok("lock", "p4k").rc == 0
     assert pools(guest) == {} and kernel.dm() == []
+
+
+def test_seed002_through_keyd_with_a_passphrase_per_truecrypt_volume(
+        zfs: GuestLab, tmp_path: Path, signer: Signer) -> None:
+    guest, kernel = zfs, Kernel(zfs)
+    disk1, disk2, sums = make_seed_pool(guest)
+    close_setup(guest)
+    policy = {"key_timeout": 3, "passphrase": True, "passphrase_timeout": 300}
+    install_keyd(guest, signer, config_toml(signer, seed_002(
+        disk1, disk2, volume="secret", keys=("k1", "k2"), degraded="never", policy=policy)))
+    keydctl = str(GUEST_BIN / "keydctl")
+    start = cursor(guest)
+    try:
+        start_keyd(guest)
+        # No stick: after key_timeout keyd asks once per key name, each question with its own id.
+        for name, passphrase in PASSPHRASES.items():
+            assert wait_until(guest, asked(f"keyd:secret:{name}"), 180), \
+                journal_text(guest, "keyd.service")
+            answer_question(guest, f"keyd:secret:{name}", passphrase.encode())
+        assert wait_until(guest, f"findmnt /mnt/t/{POOL}/data", 240), \
+            journal_text(guest, "keyd.service")
+        assert pools(guest) == {POOL: "ONLINE"} and volume_state(guest, "secret") == "unlocked"
+        assert kernel.checksums(f"/mnt/t/{POOL}/data") == sums
+        trail = events(audit_records(guest, start), "secret")
+        assert trail.index("passphrase-fallback") < trail.index("unlock-finished"), trail
+        assert guest.check([keydctl, "lock", "secret"], timeout=240).stdout.strip() == \
+            "volume secret locked (through keyd)"
+        assert pools(guest) == {} and kernel.dm() == []
+
+        # keydctl unlock through keyd with a key file per key name.
+        for name, passphrase in PASSPHRASES.items():
+            guest.check(["sh", "-c", f"cat > /root/{name}.pass"], input=passphrase + "\n")
+        opened = guest.check([keydctl, "unlock", "secret", "--key-file", "k1=/root/k1.pass",
+                              "--key-file", "k2=/root/k2.pass"], timeout=240)
+        assert opened.stdout.strip() == "volume secret unlocked (through keyd)", opened
+        assert pools(guest) == {POOL: "ONLINE"}
+        assert vdevs(guest, POOL) == ["/dev/mapper/keyd-secret-tc1", "/dev/mapper/keyd-secret-tc2"]
+        guest.check([keydctl, "lock", "secret"], timeout=240)
+        assert pools(guest) == {} and kernel.dm() == []
+
+        # One signed stick (bundle format 2) with a passphrase per TrueCrypt volume.
+        plugged = cursor(guest)
+        guest.plug(make_stick(tmp_path, signer, "SEED002KEYS", {"secret": {
+            name: (text + "\n").encode() for name, text in PASSPHRASES.items()}}))
+        assert wait_until(guest, f"findmnt /mnt/t/{POOL}/data", 240), \
+            journal_text(guest, "keyd.service")
+        assert pools(guest) == {POOL: "ONLINE"} and kernel.checksums(f"/mnt/t/{POOL}/data") == sums
+        records = audit_records(guest, plugged)
+        accepted = next(r for r in records if r["KEYD_EVENT"] == "bundle-accepted")
+        assert "keys k1, k2" in accepted["MESSAGE"], accepted
+        assert "unlock-failed" not in events(records, "secret")
+        guest.check([keydctl, "lock", "secret"], timeout=240)
+        assert pools(guest) == {} and kernel.dm() == []
+    finally:
+        stop_keyd(guest)

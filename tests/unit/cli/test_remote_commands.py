@@ -11,6 +11,7 @@ import io
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,25 +32,24 @@ class FakeKeyd:
 
     outcome: tuple[str, str] = ("unlocked", "")
     refuse: str | None = None  # a D-Bus error text every request fails with
-    calls: list[tuple[str, str, bytes]] = field(default_factory=list)
+    key_names: str = "crypt0"
+    calls: list[tuple[str, str, dict[str, bytes]]] = field(default_factory=list)
 
-    def _request(self, method: str, volume: str, key: bytes = b"") -> str:
+    def _request(self, method: str, volume: str, keys: dict[str, bytes] | None = None) -> str:
         if self.refuse is not None:
             raise translate_error(Exception(self.refuse), method)
-        self.calls.append((method, volume, key))
+        self.calls.append((method, volume, keys or {}))
         return "unlocking" if method.startswith("Unlock") else "locking"
 
-    def unlock_key(self, volume: str, key: bytes | bytearray) -> str:
-        return self._request("Unlock", volume, bytes(key))
-
-    def unlock_passphrase(self, volume: str, passphrase: str) -> str:
-        return self._request("UnlockWithPassphrase", volume, passphrase.encode())
+    def unlock_keys(self, volume: str, keys: Mapping[str, bytes | bytearray]) -> str:
+        return self._request("UnlockWithKeys", volume, {n: bytes(k) for n, k in keys.items()})
 
     def lock(self, volume: str) -> str:
         return self._request("Lock", volume)
 
     def get_volume(self, volume: str) -> dict[str, str]:
-        return {"name": volume, "state": self.outcome[0], "mountpoint": "/srv/tank"}
+        return {"name": volume, "state": self.outcome[0], "mountpoint": "/srv/tank",
+                "key_names": self.key_names}
 
     def wait(self, volume: str, *, until: object = FINAL_STATES, timeout: float = 300.0,
              done: object = None) -> tuple[str, str]:
@@ -97,7 +97,8 @@ def test_unlock_hands_the_key_file_to_keyd_unchanged(run: Run) -> None:
     key = run.tmp / "key"
     key.write_bytes(b"\x00binary\nkey\n")
     assert run("unlock", "tank", "--key-file", str(key)) == 0
-    assert run.keyd is not None and run.keyd.calls == [("Unlock", "tank", b"\x00binary\nkey\n")]
+    assert run.keyd is not None and run.keyd.calls == [
+        ("UnlockWithKeys", "tank", {"": b"\x00binary\nkey\n"})]
     assert run.out.getvalue() == "volume tank unlocked at /srv/tank (through keyd)\n"
     assert run.buses == [None]  # the system bus
 
@@ -113,13 +114,31 @@ def test_key_sources_stdin_named_and_passphrase(run: Run) -> None:
     run.tty, run.stdin = False, b"piped line\n"
     assert run("unlock", "tank", "--passphrase") == 0
     assert run.keyd is not None
-    assert [call[2] for call in run.keyd.calls] == [b"from stdin", b"named", b"open sesame",
-                                                    b"piped line"]
+    assert [call[2] for call in run.keyd.calls] == [
+        {"": b"from stdin"}, {"crypt0": b"named"}, {"": b"open sesame"}, {"": b"piped line"}]
     assert run.asked == ["Passphrase for tank: "] and run.buses[1] == "unix:path=/x"
 
 
+def test_a_volume_with_two_key_names_gets_a_key_for_each(run: Run) -> None:
+    run.keyd = FakeKeyd(key_names="k1,k2")
+    for name in ("k1", "k2"):
+        (run.tmp / name).write_bytes(f"key of {name}".encode())
+    assert run("unlock", "tank", "--key-file", f"k1={run.tmp / 'k1'}",
+               "--key-file", f"k2={run.tmp / 'k2'}") == 0
+    run.tty = True
+    assert run("unlock", "tank", "--passphrase") == 0
+    run.tty, run.stdin = False, b"first\nsecond\n"
+    assert run("unlock", "tank", "--passphrase") == 0
+    assert [call[2] for call in run.keyd.calls] == [
+        {"k1": b"key of k1", "k2": b"key of k2"}, {"k1": b"open sesame", "k2": b"open sesame"},
+        {"k1": b"first", "k2": b"second"}]
+    assert run.asked == ["Passphrase for tank/k1: ", "Passphrase for tank/k2: "]
+
+
 @pytest.mark.parametrize(("argv", "stdin", "words"), [
-    (("--key-file", "a=/k1", "--key-file", "b=/k2"), b"", "use --direct"),
+    (("--key-file", "a=/k1", "--key-file", "crypt0=/k2"), b"", "has no key named 'a'"),
+    (("--key-file", "crypt0=/k1", "--key-file", "crypt0=/k2"), b"", "is given twice"),
+    (("--key-file", "-", "--key-file", "crypt0=-"), b"", "stdin can carry only one key"),
     ((), b"", "needs a key"),
 ])
 def test_what_keyd_cannot_take_is_a_usage_error(run: Run, argv: tuple[str, ...], stdin: bytes,

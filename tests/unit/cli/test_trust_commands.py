@@ -253,3 +253,69 @@ def test_verify_reads_the_trust_table_the_way_check_config_does(
     config.write_text(config.read_text() + "[volume.tank]\n")  # a volume with no layers
     assert main(["verify", "--config", str(config), str(cli.stick), "--serial", SERIAL]) == 3
     assert main(["check-config", "--config", str(config)]) == 3
+
+
+def test_a_key_per_layer_is_written_as_format_2_and_verified_per_name(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("k1", "k2"):
+        (cli.tmp / name).write_bytes(f"passphrase of {name}\n".encode())
+    assert cli.enroll("secret", "--key-file", f"k1={cli.tmp / 'k1'}",
+                      "--key-file", f"k2={cli.tmp / 'k2'}") == 0
+    keyd = cli.stick / "keyd"
+    assert (keyd / "secret.k1.key").read_bytes() == b"passphrase of k1\n"
+    assert (keyd / "secret.k2.key").read_bytes() == b"passphrase of k2\n"
+    assert (keyd / "manifest").read_bytes().startswith(b"format = 2\n")
+    code, document = cli.verify("--serial", SERIAL, capsys=capsys)
+    assert code == 0 and document["volumes"][0]["key_names"] == ["k1", "k2"]
+    # Re-enrolled with one key for every layer: format 1 again, and the old files leave.
+    assert cli.enroll("secret", "--generate", "16") == 0
+    assert sorted(p.name for p in keyd.iterdir()) == ["manifest", "manifest.sig", "secret.key"]
+    assert (keyd / "manifest").read_bytes().startswith(b"format = 1\n")
+
+
+def test_generated_keys_per_name_and_what_does_not_go_together(cli: Cli) -> None:
+    assert cli.enroll("secret", "--key-name", "k1", "--key-name", "k2", "--generate", "8") == 0
+    assert [len((cli.stick / "keyd" / f"secret.{n}.key").read_bytes()) for n in ("k1", "k2")] \
+        == [8, 8]
+    (cli.tmp / "k1").write_bytes(b"x")
+    assert cli.enroll("secret", "--key-file", f"k1={cli.tmp / 'k1'}", "--key-name", "k1") == 2
+    assert cli.enroll("secret", "--key-name", "k1", "--key-name", "k2",
+                      "--device", "/dev/null") == 2
+
+
+def test_a_backup_stick_keeps_the_generation_and_neither_retires_the_other(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    cli.enroll("tank")
+    primary, backup = cli.stick, cli.tmp / "backup"
+    assert main(["enroll", *cli.common(), "--volume", "tank", "--signing-key", cli.keys.signer,
+                 "--output", str(backup), "--bind-serial", "BACKUP0002",
+                 "--backup-of", str(primary)]) == 0
+    assert (backup / "keyd" / "tank.key").read_bytes() == \
+        (primary / "keyd" / "tank.key").read_bytes()
+    code, document = cli.verify("--serial", SERIAL, "--record", capsys=capsys)
+    assert code == 0 and document["volumes"][0]["generation"] == 1
+    capsys.readouterr()
+    code = main(["verify", *cli.common(), str(backup), "--serial", "BACKUP0002", "--json",
+                 "--record"])
+    copy = json.loads(capsys.readouterr().out)["volumes"][0]
+    assert code == 0 and copy["generation"] == 1
+    assert copy["bundle_id"] != document["volumes"][0]["bundle_id"]
+    assert cli.verify("--serial", SERIAL, capsys=capsys)[0] == 0  # the primary still works
+    # Re-keying the primary retires both.
+    cli.enroll("tank")
+    assert cli.verify("--serial", SERIAL, "--record", capsys=capsys)[0] == 0
+    capsys.readouterr()
+    assert main(["verify", *cli.common(), str(backup), "--serial", "BACKUP0002"]) == 6
+    assert "REPLAYED_GENERATION" in capsys.readouterr().out
+
+
+def test_a_backup_takes_its_keys_from_the_primary_only(cli: Cli) -> None:
+    cli.enroll("tank")
+    def backup(volume: str, *extra: str) -> int:
+        return main(["enroll", *cli.common(), "--volume", volume, "--signing-key",
+                     cli.keys.signer, "--output", str(cli.tmp / "backup"), "--bind-serial",
+                     "BACKUP0002", "--backup-of", str(cli.stick), *extra])
+
+    assert backup("tank", "--generation", "5") == 2
+    assert backup("media") == 6  # the primary holds no bundle for media
+    assert not (cli.tmp / "backup" / "keyd" / "manifest").exists()

@@ -19,7 +19,8 @@ SIGNER = "0123456789ABCDEF0123456789ABCDEF01234567"
 
 def test_ask_password_uses_an_id_a_timeout_and_agents_only() -> None:
     runner = ScriptedRunner().on("systemd-ask-password", reply=Reply(stdout="hunter2"))
-    secret = AskPassword(runner).ask("tank", 120)
+    keys = AskPassword(runner).ask("tank", ["crypt0"], 120)
+    secret = keys.get("crypt0") if keys else None
     assert secret is not None and bytes(secret.buffer) == b"hunter2"
     [call] = runner.calls
     assert call.argv[:6] == ("systemd-ask-password", "--id=keyd:tank", "--timeout=120",
@@ -27,9 +28,25 @@ def test_ask_password_uses_an_id_a_timeout_and_agents_only() -> None:
     assert call.timeout > 120
 
 
+def test_a_volume_with_two_key_names_is_asked_once_per_name() -> None:
+    ask = "systemd-ask-password"
+    runner = ScriptedRunner().on(ask, "--id=keyd:secret:k1", reply=Reply(stdout="one")) \
+        .on(ask, "--id=keyd:secret:k2", reply=Reply(stdout="two"))
+    keys = AskPassword(runner).ask("secret", ["k1", "k2"], 120)
+    assert keys is not None and keys.names == {"k1", "k2"}
+    assert [bytes(s.buffer) for name in ("k1", "k2") if (s := keys.get(name))] == [b"one", b"two"]
+    assert [call.argv[1] for call in runner.calls] == ["--id=keyd:secret:k1",
+                                                       "--id=keyd:secret:k2"]
+    assert runner.calls[1].argv[-1] == "Passphrase for keyd volume secret, key k2:"
+
+
 def test_an_unanswered_prompt_is_none() -> None:
     runner = ScriptedRunner().on("systemd-ask-password", reply=Reply(returncode=1))
-    assert AskPassword(runner).ask("tank", 5) is None
+    assert AskPassword(runner).ask("tank", ["crypt0"], 5) is None
+    runner = ScriptedRunner().on("systemd-ask-password", "--id=keyd:secret:k1",
+                                 reply=Reply(stdout="one")) \
+        .on("systemd-ask-password", reply=Reply(returncode=1))
+    assert AskPassword(runner).ask("secret", ["k1", "k2"], 5) is None
 
 
 def test_systemctl_units_never_block() -> None:

@@ -6,7 +6,7 @@ from keyd.daemon.uevents import MemberAdded, StickAdded, StickGone, StickInfo
 from keyd.engine.errors import DegradedRefused, DevicesMissing, StorageError
 from keyd.errors import KeydError
 from keyd.trust.errors import Reason
-from keyd.trust.secret import SecretBytes
+from keyd.trust.secret import KeySet, SecretBytes
 from tests.support.daemon_fakes import GOOD_KEY, STICK, FakeLoop, accepted, harness, rejected
 
 
@@ -46,7 +46,8 @@ def test_coldplugged_stick_unlocks_starts_services_wipes_the_key_and_commits() -
     assert h.engine.keys_seen == [GOOD_KEY]
     assert h.units.calls == ["start smbd.service", "start keyd-unlocked@tank.target"]
     assert len(h.daemon.keys) == 0
-    assert all(len(v.key or b"") == 0 for v in h.sticks.handed_out[0].verdicts)  # wiped
+    assert all(len(secret) == 0 for v in h.sticks.handed_out[0].verdicts  # wiped
+               for _, secret in (v.keys.items() if v.keys else []))
     assert h.sticks.committed == [("tank",)]
     assert h.events() == ["stick-inserted", "daemon-started", "bundle-accepted", "unlock-started",
                           "unlock-finished"]
@@ -192,7 +193,7 @@ def test_dbus_unlock_and_lock_go_through_the_machine() -> None:
     h = harness()
     h.daemon.start([])
 
-    assert h.daemon.request_unlock("work", SecretBytes(GOOD_KEY)) == "unlocking"
+    assert h.daemon.request_unlock("work", KeySet.single(SecretBytes(GOOD_KEY))) == "unlocking"
     h.loop.run()
     assert h.state("work") == "unlocked"
     assert h.daemon.request_lock("work", "dbus") == "locking"
@@ -315,7 +316,7 @@ def test_a_degraded_volume_without_a_stick_tries_only_key_less_sides() -> None:
     h = harness()
     h.engine.late.add("tank")
     h.daemon.start([])
-    h.daemon.request_unlock("tank", SecretBytes(GOOD_KEY), "uid 0")
+    h.daemon.request_unlock("tank", KeySet.single(SecretBytes(GOOD_KEY)), "uid 0")
     h.loop.run()
     h.engine.late.discard("tank")
     h.daemon.handle_uevent(MemberAdded("/dev/sdd"))
@@ -334,8 +335,8 @@ def test_a_wrong_request_key_does_not_cancel_a_newer_request() -> None:
     h.loop.run()
     h.engine.late.discard("tank")
     h.daemon.handle_uevent(StickGone(STICK.devnode))
-    h.daemon.request_unlock("tank", SecretBytes(b"not the key"), "uid 0")
-    h.daemon.request_unlock("tank", SecretBytes(GOOD_KEY), "uid 0")
+    h.daemon.request_unlock("tank", KeySet.single(SecretBytes(b"not the key")), "uid 0")
+    h.daemon.request_unlock("tank", KeySet.single(SecretBytes(GOOD_KEY)), "uid 0")
     h.loop.run()
     h.loop.advance(10.0)
     h.loop.run()

@@ -17,6 +17,7 @@ import pytest
 
 from keyd.daemon.client import (
     DaemonAccessDenied,
+    DaemonBadRequest,
     DaemonBusy,
     DaemonError,
     DaemonKeyRejected,
@@ -61,6 +62,18 @@ def test_unknown_volume_is_a_clear_error(client: KeydClient) -> None:
 
 def test_unlock_with_a_key_passed_as_a_unix_fd_then_lock(client: KeydClient) -> None:
     assert client.unlock_key("work", GOOD_KEY) == "unlocking"
+    assert client.wait("work", timeout=20) == ("unlocked", "")
+    assert client.lock("work") == "locking"
+    assert client.wait("work", timeout=20)[0] == "locked"
+
+
+def test_keys_by_key_name_each_in_its_own_fd(client: KeydClient) -> None:
+    assert client.get_volume("work")["key_names"] == "crypt1"
+    with pytest.raises(DaemonBadRequest, match="volume work has no key named 'tc9'") as caught:
+        client.unlock_keys("work", {"crypt1": GOOD_KEY, "tc9": b"x"})
+    assert caught.value.fix == "its key names are: crypt1"
+    assert client.get_volume("work")["state"] != "unlocking"
+    assert client.unlock_keys("work", {"crypt1": GOOD_KEY, "": b"unused"}) == "unlocking"
     assert client.wait("work", timeout=20) == ("unlocked", "")
     assert client.lock("work") == "locking"
     assert client.wait("work", timeout=20)[0] == "locked"
@@ -111,10 +124,10 @@ def test_remote_error_names_map_to_typed_errors(text: str, cls: type, message: s
 
 
 def test_remote_unlock_and_lock_report_like_direct_mode(client: KeydClient) -> None:
-    assert remote_unlock(client, "work", key=GOOD_KEY, timeout=20) == "volume work unlocked"
+    assert remote_unlock(client, "work", {"": GOOD_KEY}, timeout=20) == "volume work unlocked"
     assert remote_lock(client, "work", timeout=20) == "volume work locked"
     with pytest.raises(DaemonKeyRejected) as caught:
-        remote_unlock(client, "work", passphrase="nope", timeout=20)
+        remote_unlock(client, "work", {"crypt1": b"nope"}, timeout=20)
     assert caught.value.exit_code == 6
 
 

@@ -31,7 +31,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from keyd.daemon.core import Daemon
 from keyd.daemon.uevents import MemberAdded, StickAdded, StickGone, StickInfo
 from keyd.trust.report import StickReport
-from keyd.trust.secret import SecretBytes
+from keyd.trust.secret import KeySet, SecretBytes
 from tests.support.daemon_fakes import GOOD_KEY, Harness, accepted, harness, rejected
 
 VOLUMES = ("tank", "work")
@@ -161,7 +161,7 @@ class DaemonModel(RuleBasedStateMachine):
         # A wrong key is refused on a locked volume, and not even tried on an open one (the
         # engine has nothing to open): the model expects nothing until the next action.
         self._ask(volume, "unlock" if right else "wrong")
-        self.h.daemon.request_unlock(volume, SecretBytes(key), "uid 0")
+        self.h.daemon.request_unlock(volume, KeySet.single(SecretBytes(key)), "uid 0")
 
     # -- the daemon's own pace ------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from keyd.runner import SubprocessRunner
-from keyd.trust.manifest import KeyEntry, Manifest, render_manifest
+from keyd.trust.manifest import KeyEntry, KeyFile, Manifest, render_manifest
 from keyd.trust.revocation import Revocations
 from keyd_lab import gpg_scratch
 
@@ -84,8 +84,9 @@ class StickDir:
     @staticmethod
     def entry(volume: str, data: bytes, **changes: object) -> KeyEntry:
         """A manifest entry for ``data`` valid around NOW and bound to SERIAL."""
-        base = KeyEntry(volume=volume, bundle_id=f"bundle-{volume}", file=f"{volume}.key",
-                        sha256=hashlib.sha256(data).hexdigest(), generation=1,
+        base = KeyEntry(volume=volume, bundle_id=f"bundle-{volume}",
+                        secrets=(KeyFile(f"{volume}.key", hashlib.sha256(data).hexdigest()),),
+                        generation=1,
                         not_before=datetime(2026, 1, 1, tzinfo=UTC),
                         not_after=datetime(2027, 1, 1, tzinfo=UTC), bind_serial=SERIAL)
         return replace(base, **changes)  # type: ignore[arg-type]

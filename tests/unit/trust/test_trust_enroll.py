@@ -10,11 +10,11 @@ import pytest
 
 from keyd.trust.enroll import EnrollRequest, merge, new_entry, next_generation, readable
 from keyd.trust.errors import TrustError
-from keyd.trust.manifest import KeyEntry, Manifest, parse_manifest, render_manifest
+from keyd.trust.manifest import KeyEntry, KeyFile, Manifest, parse_manifest, render_manifest
 from keyd.trust.revocation import Revocations
 
 WHEN = datetime(2026, 11, 23, 13, 0, 0, 123456, tzinfo=UTC)
-ENTRY = KeyEntry(volume="tank", bundle_id="tank-1", file="tank.key", sha256="0" * 64,
+ENTRY = KeyEntry(volume="tank", bundle_id="tank-1", secrets=(KeyFile("tank.key", "0" * 64),),
                  generation=3, not_before=WHEN.replace(microsecond=0), bind_serial="S1")
 
 
@@ -33,19 +33,21 @@ def test_next_generation_is_above_host_and_stick() -> None:
 
 
 def test_new_entry_hashes_what_is_stored_and_drops_microseconds() -> None:
-    entry = new_entry(request(encrypt_to="A" * 40, bundle_id="b-1"), b"abc", 2)
-    assert entry.sha256 == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    assert entry.file == "tank.key.gpg" and entry.encrypted
+    entry = new_entry(request(encrypt_to="A" * 40, bundle_id="b-1"), {None: b"abc"}, 2)
+    assert entry.secrets == (KeyFile(
+        "tank.key.gpg", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", True),)
     assert entry.not_before.microsecond == 0 and entry.generation == 2
     assert parse_manifest(render_manifest(Manifest((entry,)))).keys == (entry,)
 
 
 def test_random_bundle_ids_differ() -> None:
-    assert new_entry(request(), b"k", 1).bundle_id != new_entry(request(), b"k", 1).bundle_id
+    assert new_entry(request(), {None: b"k"}, 1).bundle_id != \
+        new_entry(request(), {None: b"k"}, 1).bundle_id
 
 
 def test_merge_replaces_the_volume_and_revokes_its_old_bundle() -> None:
-    media = replace(ENTRY, volume="media", bundle_id="media-1", file="media.key")
+    media = replace(ENTRY, volume="media", bundle_id="media-1",
+                    secrets=(KeyFile("media.key", "0" * 64),))
     newer = replace(ENTRY, bundle_id="tank-2", generation=4)
     merged = merge(Manifest((ENTRY, media), Revocations(serials=frozenset({"LOST"}))), newer, WHEN)
     assert merged.keys == (media, newer)

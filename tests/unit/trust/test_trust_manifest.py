@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from keyd.trust.errors import ManifestError, Reason
 from keyd.trust.manifest import (
     KeyEntry,
+    KeyFile,
     Manifest,
     manifest_from_table,
     parse_manifest,
@@ -46,11 +47,11 @@ def test_valid_manifest_parses_into_frozen_entries() -> None:
     manifest = parse_manifest(VALID.encode())
     (entry,) = manifest.keys
     assert entry == KeyEntry(
-        volume="tank", bundle_id="tank-1", file="tank.key", sha256=DIGEST, generation=3,
+        volume="tank", bundle_id="tank-1", secrets=(KeyFile("tank.key", DIGEST),), generation=3,
         not_before=datetime(2026, 1, 1, tzinfo=UTC),
         not_after=datetime(2026, 12, 31, 23, tzinfo=UTC),
         volume_uuid="0c5c6d83-311e-495d-8b14-84576dd84ca9", bind_serial="4C5300012303",
-        bind_fs_uuid="1234-ABCD", encrypted=False)
+        bind_fs_uuid="1234-ABCD")
     assert manifest.revocations == Revocations(frozenset({"tank-0"}), frozenset({"LOSTSTICK"}),
                                                frozenset({"A" * 40}))
     with pytest.raises(AttributeError):
@@ -66,7 +67,9 @@ def edit(old: str, new: str) -> bytes:
     (b"\xff\xfeformat = 1", Reason.MALFORMED_MANIFEST, "UTF-8"),
     (b"format = \n", Reason.MALFORMED_MANIFEST, "TOML"),
     (b"[" * 5000, Reason.MALFORMED_MANIFEST, "TOML"),
-    (edit("format = 1", "format = 2"), Reason.UNSUPPORTED_FORMAT, "version 2"),
+    (edit("format = 1", "format = 3"), Reason.UNSUPPORTED_FORMAT, "version 3"),
+    (edit("format = 1", "format = 2"), Reason.MALFORMED_MANIFEST, "not a key-entry field of "
+     "format 2"),
     (edit("format = 1", 'format = "1"'), Reason.MALFORMED_MANIFEST, "format"),
     (edit("format = 1\n", ""), Reason.MALFORMED_MANIFEST, "format"),
     (edit("created", "createdd"), Reason.MALFORMED_MANIFEST, "createdd"),
@@ -117,16 +120,24 @@ def entries(draw: st.DrawFn, index: int) -> KeyEntry:
     serial = draw(st.one_of(st.none(), TOKENS))
     return KeyEntry(
         volume=f"{draw(NAMES)}{index}", bundle_id=f"{draw(TOKENS)}-{index}",
-        file=f"f{index}{draw(NAMES)}",
-        sha256=draw(st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
+        secrets=draw(secrets(index)),
         generation=draw(st.integers(1, 2**63 - 1)), not_before=start,
         not_after=draw(st.one_of(st.none(), st.integers(1, 10**9).map(
             lambda s: start + timedelta(seconds=s)))),
         volume_uuid=draw(st.one_of(st.none(), st.uuids().map(str))),
         bind_serial=serial,
         bind_fs_uuid=draw(st.from_regex(r"[0-9A-F]{4}-[0-9A-F]{4}", fullmatch=True))
-        if serial is None else None,
-        encrypted=draw(st.booleans()))
+        if serial is None else None)
+
+
+@st.composite
+def secrets(draw: st.DrawFn, index: int) -> tuple[KeyFile, ...]:
+    """One unnamed secret (format 1), or up to four named ones (format 2)."""
+    named = draw(st.lists(NAMES, max_size=4, unique=True))
+    names: list[str | None] = list(named) or [None]
+    return tuple(KeyFile(f"f{index}-{position}{draw(NAMES)}",
+                         draw(st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
+                         draw(st.booleans()), name) for position, name in enumerate(names))
 
 
 @st.composite
@@ -180,3 +191,61 @@ def test_arbitrary_tables_never_crash_validation(table: dict[str, object]) -> No
         manifest_from_table(table)
     except ManifestError as exc:
         assert isinstance(exc.reason, Reason)
+
+
+NAMED = f"""format = 2
+
+[[key]]
+volume = "secret"
+bundle_id = "secret-1"
+generation = 1
+not_before = 2026-01-01T00:00:00Z
+bind_serial = "4C5300012303"
+
+[[key.secret]]
+name = "k1"
+file = "secret.k1.key"
+sha256 = "{DIGEST}"
+
+[[key.secret]]
+name = "k2"
+file = "secret.k2.key"
+sha256 = "{"cd" * 32}"
+encrypted = true
+"""
+
+
+def test_format_2_gives_each_key_name_its_own_file() -> None:
+    manifest = parse_manifest(NAMED.encode())
+    (entry,) = manifest.keys
+    assert entry.secrets == (KeyFile("secret.k1.key", DIGEST, False, "k1"),
+                             KeyFile("secret.k2.key", "cd" * 32, True, "k2"))
+    assert manifest.format == 2 and render_manifest(manifest).startswith(b"format = 2\n")
+    assert parse_manifest(render_manifest(manifest)) == manifest
+
+
+def test_a_format_2_bundle_that_fits_format_1_is_written_as_format_1() -> None:
+    unnamed = NAMED.split("[[key.secret]]\nname")[0] + \
+        f'[[key.secret]]\nfile = "secret.key"\nsha256 = "{DIGEST}"\n'
+    manifest = parse_manifest(unnamed.encode())
+    assert manifest.keys[0].secrets == (KeyFile("secret.key", DIGEST),)
+    assert render_manifest(manifest).startswith(b"format = 1\n")
+
+
+@pytest.mark.parametrize(("old", "new", "words"), [
+    ('name = "k2"', 'name = "k1"', "name 'k1' appears more than once"),
+    ('file = "secret.k2.key"', 'file = "secret.k1.key"', "file 'secret.k1.key' appears"),
+    ('name = "k2"\n', "", None),  # one unnamed secret beside a named one: allowed
+    ('name = "k1"\n', 'name = "k1"\nkind = "keyfile"\n', "kind"),
+    (NAMED[NAMED.index("[[key.secret]]"):], "", "needs at least one [[key.secret]] table"),
+    ('bind_serial = "4C5300012303"', 'bind_serial = "4C5300012303"\nfile = "x.key"',
+     "is not a key-entry field of format 2"),
+])
+def test_format_2_secrets_are_checked_strictly(old: str, new: str, words: str | None) -> None:
+    data = NAMED.replace(old, new, 1).encode()
+    if words is None:
+        assert parse_manifest(data).keys[0].secrets[1].name is None
+        return
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(data)
+    assert caught.value.reason is Reason.MALFORMED_MANIFEST and words in str(caught.value)

@@ -13,6 +13,7 @@ import pytest
 
 from keyd.trust.errors import Reason
 from keyd.trust.gpg import GnuPG
+from keyd.trust.manifest import KeyFile
 from keyd.trust.report import StickReport
 from keyd.trust.revocation import Revocations
 from keyd.trust.settings import Limits, TrustSettings
@@ -29,6 +30,11 @@ if TYPE_CHECKING:  # the fixtures' types; conftest is not imported at run time
     from tests.unit.trust.conftest import StickDir
 
 KEY = b"\x00\x01secret key bytes\xff" * 4
+
+
+def sha(data: bytes) -> str:
+    """The manifest's sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def verify(stick: StickDir, *, signers: tuple[str, ...] | None = None,
@@ -59,8 +65,9 @@ def test_valid_bundle_is_accepted_and_hands_out_the_key(stick: StickDir) -> None
         assert report.signer == stick.world.good
         (verdict,) = report.accepted
         assert verdict.entry.volume == "tank"
-        assert verdict.key is not None and bytes(verdict.key.buffer) == KEY
-        key = verdict.key
+        assert verdict.keys is not None
+        key = verdict.keys.get("any key name")
+        assert key is not None and bytes(key.buffer) == KEY
     assert len(key) == 0  # wiped when the report's with-block ended
 
 
@@ -257,11 +264,12 @@ def test_encrypted_key_file_is_decrypted_in_memory(stick: StickDir) -> None:
     ciphertext = GnuPG(str(world.admin)).encrypt(KEY, world.host)
     (stick.keyd).mkdir()
     (stick.keyd / "tank.key.gpg").write_bytes(ciphertext)
-    entry = stick.entry("tank", ciphertext, file="tank.key.gpg", encrypted=True)
+    entry = stick.entry("tank", ciphertext, secrets=(KeyFile("tank.key.gpg", sha(ciphertext), True),))
     stick.write({}, [entry])
     with verify(stick) as report:
         (verdict,) = report.accepted
-        assert verdict.key is not None and bytes(verdict.key.buffer) == KEY
+        key = verdict.keys.get("tank") if verdict.keys else None
+        assert key is not None and bytes(key.buffer) == KEY
     assert KEY not in (stick.keyd / "tank.key.gpg").read_bytes()
 
 
@@ -270,7 +278,8 @@ def test_key_encrypted_to_another_key_fails_to_decrypt(stick: StickDir) -> None:
     ciphertext = GnuPG(str(world.admin)).encrypt(KEY, world.stranger)
     stick.keyd.mkdir()
     (stick.keyd / "tank.key.gpg").write_bytes(ciphertext)
-    stick.write({}, [stick.entry("tank", ciphertext, file="tank.key.gpg", encrypted=True)])
+    stick.write({}, [stick.entry("tank", ciphertext,
+                                 secrets=(KeyFile("tank.key.gpg", sha(ciphertext), True),))])
     assert only_reason(verify(stick)) is Reason.DECRYPT_FAILED
 
 
@@ -302,3 +311,35 @@ def test_non_detached_signature_of_other_data_is_refused(stick: StickDir, mode: 
                             capture_output=True).stdout
     (stick.keyd / "manifest.sig").write_bytes(signed)
     assert only_reason(verify(stick)) is Reason.BAD_SIGNATURE
+
+
+def named_bundle(stick: StickDir, secrets: dict[str, bytes]) -> None:
+    """A format 2 bundle for volume secret with one key file per key name."""
+    stick.keyd.mkdir(parents=True, exist_ok=True)
+    for name, data in secrets.items():
+        (stick.keyd / f"secret.{name}.key").write_bytes(data)
+    files = tuple(KeyFile(f"secret.{name}.key", sha(data), name=name)
+                  for name, data in secrets.items())
+    stick.write({}, [stick.entry("secret", b"", secrets=files)])
+
+
+def test_a_format_2_bundle_hands_out_a_key_per_name(stick: StickDir) -> None:
+    named_bundle(stick, {"k1": b"first passphrase", "k2": b"second passphrase"})
+    assert (stick.keyd / "manifest").read_bytes().startswith(b"format = 2\n")
+    with verify(stick) as report:
+        (verdict,) = report.accepted
+        assert verdict.keys is not None and verdict.keys.names == {"k1", "k2"}
+        got = {name: bytes(s.buffer) for name in ("k1", "k2", "k3")
+               if (s := verdict.keys.get(name)) is not None}
+        assert got == {"k1": b"first passphrase", "k2": b"second passphrase"}
+        assert "keys k1, k2" in verdict.message
+
+
+def test_one_bad_file_refuses_the_whole_bundle(stick: StickDir) -> None:
+    named_bundle(stick, {"k1": b"first passphrase", "k2": b"second passphrase"})
+    (stick.keyd / "secret.k2.key").write_bytes(b"tampered")
+    with verify(stick) as report:
+        assert only_reason(report) is Reason.HASH_MISMATCH and not report.accepted
+    (stick.keyd / "secret.k2.key").unlink()
+    with verify(stick) as report:
+        assert only_reason(report) is Reason.MISSING_KEY_FILE

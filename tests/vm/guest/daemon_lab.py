@@ -70,6 +70,21 @@ def dbus_call(guest: Any, verb: str, volume: str, *, as_nobody: bool = False,
     return dict(json.loads(result.stdout))
 
 
+def answer_question(guest: Any, question_id: str, passphrase: bytes) -> None:
+    """Answer keyd's systemd-ask-password question ``question_id`` as an agent does
+    (systemd-tty-ask-password-agent, Plymouth): find it by its Id= in
+    /run/systemd/ask-password/ask.*, reply on the Socket= it names."""
+    script = (f"f=$(grep -lx 'Id={question_id}' /run/systemd/ask-password/ask.* | head -n1)\n"
+              "sock=$(sed -n 's/^Socket=//p' \"$f\")\n"
+              "/lib/systemd/systemd-reply-password 1 \"$sock\"\n")
+    guest.check(["sh", "-ec", script], input=passphrase, timeout=60)
+
+
+def asked(question_id: str) -> str:
+    """A shell test: keyd's question ``question_id`` is pending."""
+    return f"grep -qx 'Id={question_id}' /run/systemd/ask-password/ask.*"
+
+
 def mappings(guest: Any) -> list[str]:
     """Names of the device-mapper devices in the guest."""
     out = guest.run(["dmsetup", "ls", "--noheadings"]).stdout

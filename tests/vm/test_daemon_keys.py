@@ -1,0 +1,92 @@
+"""keyd.service on a real kernel: backup sticks and re-keying, with hot-plugged signed sticks.
+
+A backup stick (``keydctl enroll --backup-of``) carries the primary's key at the same
+generation: using either never retires the other. Re-keying the primary (a new
+generation) retires both once the new stick has been used.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from keyd_lab.daemon_setup import (
+    Signer,
+    audit_records,
+    config_toml,
+    cursor,
+    events,
+    install_keyd,
+    journal_text,
+    make_backup_stick,
+    make_stick,
+    start_keyd,
+    volume_key,
+    volume_state,
+    wait_until,
+)
+from keyd_lab.media import StickSpec
+
+from .conftest import GuestLab
+from .guest.daemon_lab import format_volume, volume_toml
+
+VOLUME = "kilo"
+OPEN = f"findmnt /mnt/t/{VOLUME}"
+SHUT = f"! test -e /dev/mapper/keyd-{VOLUME}-crypt && ! findmnt /mnt/t/{VOLUME}"
+POLICY = "lock_on_removal = true\ngrace = 1\nlock_retry_delay = 1\n"
+
+
+def use(guest: GuestLab, stick: StickSpec) -> list[dict[str, str]]:
+    """Plug the stick, wait for the volume to open, pull it, wait for the lock; the records."""
+    start = cursor(guest)
+    guest.plug(stick)
+    assert wait_until(guest, OPEN, 180), journal_text(guest, "keyd.service")
+    guest.unplug(stick.serial)
+    assert wait_until(guest, SHUT, 120), journal_text(guest, "keyd.service")
+    return audit_records(guest, start)
+
+
+def refused(guest: GuestLab, stick: StickSpec) -> list[str]:
+    """Plug a stick keyd must refuse; the reasons it gave. The volume stays locked."""
+    start = cursor(guest)
+    guest.plug(stick)
+    # The --after-cursor read as audit_records does it (no match on the command line).
+    backoff = f"journalctl -o cat --output-fields=KEYD_EVENT --after-cursor='{start}' " \
+              "| grep -qx backoff"
+    assert wait_until(guest, backoff, 180), journal_text(guest, "keyd.service")
+    guest.unplug(stick.serial)
+    assert guest.run(["sh", "-c", OPEN]).rc != 0 and volume_state(guest, VOLUME) == "locked"
+    return [r.get("KEYD_REASON", "") for r in audit_records(guest, start)
+            if r["KEYD_EVENT"] == "bundle-rejected"]
+
+
+def bundle_id(records: list[dict[str, str]]) -> str:
+    return next(r["KEYD_BUNDLE_ID"] for r in records if r["KEYD_EVENT"] == "bundle-accepted")
+
+
+def test_a_backup_stick_and_the_primary_both_work_until_a_re_key_retires_them(
+        guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
+    disk = guest.disk("DISKKILO", 64)
+    format_volume(guest, disk, volume_key(VOLUME))
+    install_keyd(guest, signer, config_toml(signer, volume_toml(VOLUME, disk, policy=POLICY)))
+    start_keyd(guest)
+    primary = make_stick(tmp_path, signer, "KEYSPRIMARY", {VOLUME: volume_key(VOLUME)})
+    backup = make_backup_stick(tmp_path, signer, "KEYSPRIMARY", "KEYSBACKUP", VOLUME)
+    old_primary = StickSpec(Path(shutil.copy(primary.image, tmp_path / "old-primary.img")),
+                            primary.serial)
+
+    first = use(guest, primary)
+    second = use(guest, backup)
+    third = use(guest, primary)
+
+    assert bundle_id(first) == bundle_id(third) != bundle_id(second)
+    for records in (first, second, third):
+        assert events(records, VOLUME)[:3] == ["bundle-accepted", "unlock-started",
+                                               "unlock-finished"], events(records, VOLUME)
+
+    # Re-keyed: the primary's next generation; once used, both older sticks are refused.
+    rekeyed = make_stick(tmp_path, signer, "KEYSPRIMARY", {VOLUME: volume_key(VOLUME)})
+    assert "generation 2" in next(r["MESSAGE"] for r in use(guest, rekeyed)
+                                  if r["KEYD_EVENT"] == "bundle-accepted")
+    assert refused(guest, backup) == ["REPLAYED_GENERATION"]
+    assert refused(guest, old_primary)[0] in ("REVOKED_BUNDLE", "REPLAYED_GENERATION")
