@@ -147,11 +147,12 @@ def _towards_unlocked(facts: VolumeFacts, policy: VolumePolicy) -> Result:
     rest = tuple(o for o in facts.offers if o != offer)
     if facts.kernel == "unlocked" and not one_shot(offer):
         # Already open (a restart, or the stick is back): the stick now holds it open; on a
-        # degraded volume its key opens the missing sides whose disks are here.
+        # degraded volume its key opens the missing sides whose disks are here. It does not
+        # count as the mend for these disks: if its key is wrong, the other sticks still in
+        # are read again (_mend).
         held = replace(facts, offers=rest, opened_by=facts.opened_by or offer.serial)
         if facts.degraded:
-            return replace(held, job="mend", trying=offer, mended_at=held.devices), [
-                StartMend(offer.ref)]
+            return replace(held, job="mend", trying=offer), [StartMend(offer.ref)]
         return held, [DiscardKey(offer.ref)]
     # A request's key is tried even on an open volume: the engine compares with the
     # kernel, where `keydctl lock --direct` may have closed the stack behind keyd's back.

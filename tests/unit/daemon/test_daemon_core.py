@@ -312,6 +312,28 @@ def test_a_late_mirror_side_is_brought_back_with_the_key_of_the_stick_still_in()
     assert len(h.daemon.keys) == 0
 
 
+def test_a_wrong_key_on_a_newer_stick_does_not_stop_the_mend_with_a_right_one() -> None:
+    h = harness()
+    h.engine.late.add("tank")
+    h.sticks.reports += [accepted("tank")]
+    h.daemon.start([STICK])
+    h.loop.run()
+    # While a (busy) lock runs, another stick goes in and the side's disk comes back.
+    h.engine.held.add("tank")
+    h.daemon.request_lock("tank", "keydctl lock")
+    h.sticks.reports += [accepted("tank", key=b"wrong key"), accepted("tank")]
+    h.daemon.handle_uevent(StickAdded(StickInfo("/dev/sde1", "vfat", "SERIAL3")))
+    h.engine.late.discard("tank")
+    h.daemon.handle_uevent(MemberAdded("/dev/sdd"))
+    h.loop.run()
+    # The newer stick replaced the lock; its key is wrong for the side, so the stick still
+    # in from before is read again, and its key brings the side back.
+    assert h.engine.degraded == set() and h.state("tank") == "unlocked"
+    assert [r.result for r in h.sink.records if r.event == "mended"] == ["mend-failed",
+                                                                         "mended"]
+    assert len(h.daemon.keys) == 0
+
+
 def test_a_degraded_volume_without_a_stick_tries_only_key_less_sides() -> None:
     h = harness()
     h.engine.late.add("tank")
