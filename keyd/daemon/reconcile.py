@@ -157,7 +157,10 @@ def _towards_unlocked(facts: VolumeFacts, policy: VolumePolicy) -> Result:
     # A request's key is tried even on an open volume: the engine compares with the
     # kernel, where `keydctl lock --direct` may have closed the stack behind keyd's back.
     # A disk that appears while the unlock runs may be a side it could not see: mend then.
-    return replace(facts, job="unlock", trying=offer, offers=rest, mended_at=facts.devices), [
+    # On an open volume the request's key is no mend of the disks already here: if it is
+    # wrong for the missing side, the sticks still in are read again (_mend).
+    mended_at = facts.mended_at if facts.kernel == "unlocked" else facts.devices
+    return replace(facts, job="unlock", trying=offer, offers=rest, mended_at=mended_at), [
         StartUnlock(offer.ref),
         Audit(A.UNLOCK_STARTED, f"unlocking with a key from {offer.source}"
               + (f" ({offer.by})" if offer.by else ""), reason=offer.by, serial=offer.serial,

@@ -334,6 +334,24 @@ def test_a_wrong_key_on_a_newer_stick_does_not_stop_the_mend_with_a_right_one() 
     assert len(h.daemon.keys) == 0
 
 
+def test_a_wrong_request_key_does_not_stop_the_mend_with_the_stick_still_in() -> None:
+    h = harness()
+    h.engine.late.add("tank")
+    h.sticks.reports += [accepted("tank")]
+    h.daemon.start([STICK])
+    h.loop.run()
+    # Two requests with a wrong key: one runs when the side's disk comes back, the next
+    # starts after it and is tried on the side that is back now.
+    for _ in range(2):
+        h.daemon.request_unlock("tank", KeySet.single(SecretBytes(b"not the key")), "uid 0")
+    h.engine.late.discard("tank")
+    h.daemon.handle_uevent(MemberAdded("/dev/sdd"))
+    h.sticks.reports += [accepted("tank")]
+    h.loop.run()
+    assert h.engine.degraded == set() and h.state("tank") == "unlocked"
+    assert len(h.daemon.keys) == 0
+
+
 def test_a_degraded_volume_without_a_stick_tries_only_key_less_sides() -> None:
     h = harness()
     h.engine.late.add("tank")
