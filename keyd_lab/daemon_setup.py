@@ -104,6 +104,24 @@ def make_backup_stick(base: Path, signer: Signer, primary: str, serial: str, vol
     return _image(runner, base, serial)
 
 
+def make_share_sticks(base: Path, signer: Signer, serials: Sequence[str], volume: str, key: bytes,
+                      *, threshold: int, runner: Runner | None = None) -> list[StickSpec]:
+    """One stick per serial, each with a share of a k-of-n enrollment for ``volume``
+    (``keydctl enroll --shares``): any ``threshold`` of them together open it with ``key``."""
+    runner = runner or SubprocessRunner()
+    base.mkdir(parents=True, exist_ok=True)
+    key_file = base / f"{volume}-shared.key"
+    key_file.write_bytes(key)
+    sticks = [arg for serial in serials
+              for arg in ("--output", str(base / f"stick-{serial}"), "--bind-serial", serial)]
+    runner.run([*KEYDCTL_HOST, "enroll", "--volume", volume, "--signing-key", signer.fingerprint,
+                "--signer", signer.fingerprint, "--gnupghome", str(signer.home),
+                "--state-dir", str(base / f"state-{serials[0]}"), "--key-file", str(key_file),
+                "--shares", str(len(serials)), "--threshold", str(threshold), *sticks],
+               timeout=120)
+    return [_image(runner, base, serial) for serial in serials]
+
+
 def _enroll(runner: Runner, base: Path, signer: Signer, serial: str, volume: str,
             *options: str) -> None:
     runner.run([*KEYDCTL_HOST, "enroll", "--volume", volume,

@@ -35,6 +35,9 @@ class AuditEvent(enum.StrEnum):
     SERVICES_FAILED = "services-failed"
     DBUS_DENIED = "dbus-denied"
     STATE_NOT_SAVED = "state-not-saved"
+    SHARE_ACCEPTED = "share-accepted"
+    SHARES_COMBINED = "shares-combined"
+    SHARES_EXPIRED = "shares-expired"
 
 
 MESSAGE_IDS: dict[AuditEvent, str] = {
@@ -60,6 +63,9 @@ MESSAGE_IDS: dict[AuditEvent, str] = {
     AuditEvent.SERVICES_FAILED: "8bf859282432479295d51cebc7719615",
     AuditEvent.DBUS_DENIED: "a468564e8a6a49148e3585a5950f913c",
     AuditEvent.STATE_NOT_SAVED: "f32570e8a31247309c0ea5956f8da53b",
+    AuditEvent.SHARE_ACCEPTED: "4279542f70644d619b710a2248121e70",
+    AuditEvent.SHARES_COMBINED: "46ba25194e8d4d9ea7bb8527b6e4abaa",
+    AuditEvent.SHARES_EXPIRED: "7d932a10b4e64a7ca079a11a512a1953",
 }
 
 EVENT_BY_ID: dict[str, AuditEvent] = {value: key for key, value in MESSAGE_IDS.items()}

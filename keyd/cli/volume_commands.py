@@ -28,6 +28,7 @@ from keyd.cli import remote
 from keyd.cli.key_args import UsageError, parse_key_files
 from keyd.config.model import DEFAULT_CONFIG, Config, MountLayer, Volume
 from keyd.config.parse import load_config
+from keyd.daemon_view import read_view
 from keyd.engine.errors import KeyRejected
 from keyd.engine.lockfile import DEFAULT_RUN_DIR
 from keyd.engine.status import render_table, to_json
@@ -194,12 +195,13 @@ def _status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     volumes = [config.volume(args.volume)] if args.volume else list(config.volumes)
     reports = _engine(env, args).status(volumes)  # with keyd's records of imported pools
+    daemon = read_view(args.run_dir)  # what keyd waits for: a key, more k-of-n sticks
     if args.json:
-        print(json.dumps(to_json(reports), indent=2), file=env.stdout)
+        print(json.dumps(to_json(reports, daemon), indent=2), file=env.stdout)
     elif not reports:
         print(f"no volumes configured in {args.config}", file=env.stdout)
     else:
-        print(render_table(reports), end="", file=env.stdout)
+        print(render_table(reports, daemon), end="", file=env.stdout)
     return 0
 
 

@@ -159,6 +159,7 @@ class VolumePolicy:
     member_wait: float = 120.0        # wait for missing RAID members before giving up
     lock_retries: int = 2             # busy lock: retries after stopping services
     lock_retry_delay: float = 5.0
+    share_timeout: float = 300.0      # k-of-n: a share is kept this long for the next sticks
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyd.audit.ids import AuditEvent as A
 from keyd.audit.record import PRIORITY_NOTICE, PRIORITY_WARNING, AuditRecord, duration_ms
@@ -35,6 +35,7 @@ from keyd.daemon.ports import (
     VolumeEngine,
 )
 from keyd.daemon.reconcile import step
+from keyd.daemon.sharebox import ShareBox
 from keyd.daemon.uevents import (
     MemberAdded,
     MemberRemoved,
@@ -44,8 +45,13 @@ from keyd.daemon.uevents import (
     UEvent,
 )
 from keyd.errors import KeydError, user_message
-from keyd.trust.report import StickReport, Verdict
+from keyd.trust.errors import TrustError
+from keyd.trust.report import HeldShare, StickReport, Verdict
 from keyd.trust.secret import KeySet
+from keyd.trust.shares import ShareSet
+
+if TYPE_CHECKING:  # annotations only: the manifest parser loads with the first stick
+    from keyd.trust.manifest import ShareFile
 
 log = logging.getLogger("keyd.daemon")
 
@@ -66,6 +72,18 @@ class QuietAnnouncer:
 
     def state_changed(self, volume: str, state: str, detail: str) -> None:
         """Ignore."""
+
+
+@dataclass
+class Announcers:
+    """Several :class:`Announcer` s (D-Bus and the state file), told in turn."""
+
+    announcers: list[Announcer]
+
+    def state_changed(self, volume: str, state: str, detail: str) -> None:
+        """Tell each one."""
+        for announcer in self.announcers:
+            announcer.state_changed(volume, state, detail)
 
 
 @dataclass
@@ -92,6 +110,7 @@ class Daemon:
         self.facts: dict[str, VolumeFacts] = {name: VolumeFacts() for name in self.volumes}
         self.shown: dict[str, tuple[str, str]] = {name: ("locked", "") for name in self.volumes}
         self.keys = KeyStore()
+        self.shares = ShareBox()
         self.backoff = Backoff(config.daemon.backoff_base, config.daemon.backoff_max)
         self.sticks: dict[str, StickInfo] = {}
         self.inserted: dict[str, int] = {}  # devnode -> when it went in (the order of actions)
@@ -144,6 +163,7 @@ class Daemon:
         self._timers.clear()
         self._retries.clear()
         self.keys.wipe_all()
+        self.shares.wipe_all()
 
     def policy(self, volume: str) -> VolumePolicy:
         """How ``volume`` is treated (its keyd.toml keys over the [daemon] defaults)."""
@@ -272,6 +292,8 @@ class Daemon:
                        signer=report.signer, bundle_id=entry.bundle_id, result="rejected",
                        reason="UNKNOWN_VOLUME")
             return False
+        if verdict.accepted and entry.share is not None and verdict.share is not None:
+            return self._share(stick, report, verdict, (entry.share, verdict.share), seq)
         if not verdict.accepted or verdict.keys is None:
             reason = verdict.reason.value if verdict.reason else "REJECTED"
             self.dispatch(entry.volume, ev.BundleRejected(stick.key, reason, entry.bundle_id))
@@ -283,6 +305,42 @@ class Daemon:
         self.dispatch(entry.volume, ev.KeyArrived(ref, "stick", stick.key, report.signer,
                                                   entry.bundle_id, seq=seq))
         return True
+
+    def _share(self, stick: StickInfo, report: StickReport, verdict: Verdict,
+               share: tuple[ShareFile, HeldShare], seq: int) -> bool:
+        """Keep an accepted k-of-n share; with enough of them, their keys are on offer."""
+        entry, (spec, held) = verdict.entry, share
+        split = ShareSet(entry.volume, spec.set_id, entry.generation, spec.threshold, spec.count)
+        one = StickReport(None, report.message, report.signer, report.manifest, (verdict,))
+        try:
+            progress = self.shares.add(split, spec.index, held, one, self.loop.now())
+        except TrustError as exc:
+            self.audit(entry.volume, A.SHARES_COMBINED, exc.message, result="rejected",
+                       reason=exc.reason.value, serial=stick.key, bundle_id=entry.bundle_id)
+            self.dispatch(entry.volume, ev.SharesHeld(0, split.threshold))
+            return False
+        self.audit(entry.volume, A.SHARE_ACCEPTED, verdict.message, result="accepted",
+                   reason=f"{progress.have} of {split.threshold}", serial=stick.key,
+                   signer=report.signer, bundle_id=entry.bundle_id)
+        timeout = self.policy(entry.volume).share_timeout
+        self.loop.call_later(timeout, lambda: self._expire_shares(entry.volume, timeout))
+        if progress.keys is None:
+            self.dispatch(entry.volume, ev.SharesHeld(progress.have, split.threshold))
+            return True
+        self.audit(entry.volume, A.SHARES_COMBINED, f"{split.threshold} of {split.count} shares "
+                   f"of set {split.set_id} combined", result="combined", serial=stick.key)
+        ref = self.keys.put(progress.keys, progress.report)
+        self.dispatch(entry.volume, ev.KeyArrived(ref, "shares", stick.key, report.signer,
+                                                  entry.bundle_id, seq=seq))
+        return True
+
+    def _expire_shares(self, volume: str, timeout: float) -> None:
+        gone = self.shares.expire(volume, self.loop.now() - timeout + 0.001)
+        if gone:
+            self.audit(volume, A.SHARES_EXPIRED, f"{gone} share(s) zeroed unused after "
+                       f"{timeout:g} s", result="expired")
+            have, need = self.shares.waiting(volume) or (0, 0)
+            self.dispatch(volume, ev.SharesHeld(have, need))
 
     def _stick_failed(self, key: str) -> None:
         self.backoff = self.backoff.failed(key, self.loop.now())

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-KeySourceKind = Literal["stick", "passphrase", "dbus"]
+KeySourceKind = Literal["stick", "shares", "passphrase", "dbus"]
 FailureKind = Literal["key", "members", "error"]
 ObservedKind = Literal["locked", "unlocked", "partial"]
 
@@ -163,13 +163,21 @@ class PassphraseUnavailable:
     reason: str = "no answer"
 
 
+@dataclass(frozen=True)
+class SharesHeld:
+    """keyd holds ``have`` of the ``need`` shares of a k-of-n enrollment (0: none any more)."""
+
+    have: int
+    need: int
+
+
 Event = (Observed | KeyArrived | BundleRejected | UnlockSucceeded | UnlockFailed | Mended
          | MendFailed | StickRemoved | MemberAdded | MemberRemoved | LockRequested
          | LockSucceeded | LockBusy | LockFailed | GraceExpired | KeyTimeout | MembersTimeout
-         | LockRetry | PassphraseUnavailable)
+         | LockRetry | PassphraseUnavailable | SharesHeld)
 
 ALL_EVENT_TYPES: tuple[type, ...] = (
     Observed, KeyArrived, BundleRejected, UnlockSucceeded, UnlockFailed, Mended, MendFailed,
     StickRemoved,
     MemberAdded, MemberRemoved, LockRequested, LockSucceeded, LockBusy, LockFailed,
-    GraceExpired, KeyTimeout, MembersTimeout, LockRetry, PassphraseUnavailable)
+    GraceExpired, KeyTimeout, MembersTimeout, LockRetry, PassphraseUnavailable, SharesHeld)

@@ -74,6 +74,7 @@ class VolumeFacts:
     warning: str = ""
     degraded: bool = False              # open with a side missing: mended when disks appear
     mended_at: int | None = None        # ``devices`` at the last mend (or unlock)
+    shares: tuple[int, int] | None = None  # k-of-n: (shares held, shares needed)
 
 
 def state_name(facts: VolumeFacts) -> str:
@@ -92,6 +93,10 @@ def state_name(facts: VolumeFacts) -> str:
 def detail(facts: VolumeFacts, policy: VolumePolicy) -> str:
     """The one-line detail next to the state (``keydctl wait`` reads the key-timeout one)."""
     name = state_name(facts)
+    if name in ("locked", "waiting-for-key") and facts.shares is not None:
+        have, need = facts.shares
+        more = need - have
+        return f"waiting for {more} more stick{'s' if more > 1 else ''} ({have} of {need} shares)"
     if name == "waiting-for-key" and facts.key_timed_out:
         return f"key-timeout: dependents {policy.dependents}"
     if name == "unlocked" and facts.grace == "armed":

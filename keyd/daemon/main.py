@@ -33,11 +33,12 @@ from keyd.config.model import DEFAULT_CONFIG, Config
 from keyd.config.parse import load_config
 from keyd.daemon.adapters import AskPassword, SystemctlUnits, SystemdUnits, TrustChecker
 from keyd.daemon.client import bus_at, system_bus
-from keyd.daemon.core import Daemon, DaemonPorts
+from keyd.daemon.core import Announcers, Daemon, DaemonPorts
 from keyd.daemon.dbus_api import ManagerService, publish
 from keyd.daemon.glib_loop import GLibScheduler, UdevWatch
 from keyd.daemon.leftovers import cgroup_processes, wait_for_leftovers
-from keyd.daemon.ports import UnitManager
+from keyd.daemon.ports import Announcer, UnitManager
+from keyd.daemon_view import StateFile
 from keyd.engine.lockfile import DEFAULT_RUN_DIR
 from keyd.engine.observe import KernelObserver
 from keyd.engine.ports import Storage
@@ -107,6 +108,7 @@ class Runtime:
     watch: UdevWatch
     publication: Any
     loop: Any
+    state_file: StateFile
 
 
 def build(args: argparse.Namespace, config: Config) -> Runtime:
@@ -119,13 +121,16 @@ def build(args: argparse.Namespace, config: Config) -> Runtime:
                         TrustChecker(runner, trust_settings(config, args)), AskPassword(runner),
                         JournalSink())
     daemon = Daemon(config, ports, scheduler)
+    state_file = StateFile(args.run_dir, daemon.volumes)
+    announcers: list[Announcer] = [state_file]
     publication = None
     if bus is not None:
         service = ManagerService(daemon)
-        ports.announcer = service
+        announcers.append(service)
         publication = publish(bus, service)
+    ports.announcer = Announcers(announcers)
     watch = UdevWatch(daemon.handle_uevent, lambda: list(daemon.sticks))
-    return Runtime(daemon, scheduler, watch, publication, GLib.MainLoop())
+    return Runtime(daemon, scheduler, watch, publication, GLib.MainLoop(), state_file)
 
 
 def run(runtime: Runtime, notify: Notify, ready_timeout: float) -> None:
@@ -154,6 +159,7 @@ def run(runtime: Runtime, notify: Notify, ready_timeout: float) -> None:
     runtime.watch.stop()
     runtime.scheduler.shutdown()  # running unlocks finish or roll back
     runtime.daemon.stop()
+    runtime.state_file.remove()
     if runtime.publication is not None:
         runtime.publication.unpublish()
 

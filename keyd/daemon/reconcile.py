@@ -210,16 +210,20 @@ def _observed(facts: VolumeFacts, event: ev.Observed, policy: VolumePolicy) -> R
 def _key_arrived(facts: VolumeFacts, event: ev.KeyArrived, policy: VolumePolicy) -> Result:
     holders = facts.holders | ({event.serial} if event.source == "stick" and event.serial else set())
     mending = facts.kernel == "unlocked" and facts.degraded
-    if event.source == "stick" and not mending and (
-            not policy.auto_unlock or event.seq < facts.locked_at):
+    # k-of-n shares combined are a stick's act too (the last one's), tried once: the
+    # sticks usually leave again, and none of them alone holds the volume.
+    plugged = event.source in ("stick", "shares")
+    if plugged and not mending and (not policy.auto_unlock or event.seq < facts.locked_at):
         # Sticks don't unlock this volume, or this one was in before the admin locked it.
         return replace(facts, holders=holders), [DiscardKey(event.ref)]
     # The newest action wins: a stick inserted after a request replaces it, a D-Bus
     # unlock replaces anything before it.
     newer = facts.intent is None or event.seq > facts.intent.seq
     intent = Intent("unlock", event.by or "D-Bus request", event.seq) if event.source == "dbus" \
-        else None if event.source == "stick" and newer else facts.intent
+        else None if plugged and newer else facts.intent
+    shares = None if event.source == "shares" else facts.shares
     return replace(facts, offers=(*facts.offers, event), intent=intent, holders=holders,
+                   shares=shares,
                    blocked_at=None, refused=False,
                    asking=facts.asking and event.source != "passphrase"), []
 
@@ -413,6 +417,10 @@ def _bundle_rejected(facts: VolumeFacts, event: ev.BundleRejected, policy: Volum
                          reason=event.reason, serial=event.serial, bundle_id=event.bundle_id)]
 
 
+def _shares_held(facts: VolumeFacts, event: ev.SharesHeld, policy: VolumePolicy) -> Result:
+    return replace(facts, shares=(event.have, event.need) if event.have else None), []
+
+
 def _nothing(facts: VolumeFacts, event: Any, policy: VolumePolicy) -> Result:
     return facts, []
 
@@ -425,4 +433,4 @@ _APPLY: dict[type, Callable[[VolumeFacts, Any, VolumePolicy], Result]] = {
     ev.LockRequested: _lock_requested, ev.LockSucceeded: _lock_succeeded,
     ev.LockBusy: _lock_busy, ev.LockFailed: _lock_failed, ev.GraceExpired: _grace_expired,
     ev.KeyTimeout: _key_timeout, ev.MembersTimeout: _members_timeout, ev.LockRetry: _lock_retry,
-    ev.PassphraseUnavailable: _passphrase_unavailable}
+    ev.PassphraseUnavailable: _passphrase_unavailable, ev.SharesHeld: _shares_held}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -56,8 +56,12 @@ def _layer_state(status: LayerStatus) -> str:
     return "closed"
 
 
-def render_table(reports: Sequence[VolumeReport]) -> str:
-    """A readable table: volume, state, then each layer with device, flags and mountpoint."""
+DaemonView = Mapping[str, tuple[str, str]]  # volume -> keyd's (state, detail), when keyd runs
+
+
+def render_table(reports: Sequence[VolumeReport], daemon: DaemonView | None = None) -> str:
+    """A readable table: volume, state, then each layer with device, flags and mountpoint;
+    when keyd runs, a last row per volume with its own state (``daemon``)."""
     rows: list[tuple[str, ...]] = [
         ("VOLUME", "STATE", "LAYER", "KIND", "LAYER STATE", "DEVICE", "DETAIL")]
     for rep in reports:
@@ -70,6 +74,9 @@ def render_table(reports: Sequence[VolumeReport]) -> str:
                          detail or "-"))
             rows.extend(_vdev_rows(rep.name, status.pool))
             first = False
+        if daemon and rep.name in daemon:
+            state, said = daemon[rep.name]
+            rows.append(("", "", "(keyd)", "daemon", state, "-", said or "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
              + "  " + row[-1] for row in rows]
@@ -101,10 +108,14 @@ def _pool_json(volume: str, pool: ZfsPool | None) -> dict[str, Any] | None:
                        "errors": v.errors} for v in pool.vdevs]}
 
 
-def to_json(reports: Sequence[VolumeReport]) -> dict[str, Any]:
-    """The same information for programs (``status --json``); zfs layers add ``pool``."""
+def to_json(reports: Sequence[VolumeReport], daemon: DaemonView | None = None) -> dict[str, Any]:
+    """The same information for programs (``status --json``); zfs layers add ``pool``, and
+    ``daemon`` is keyd's own state and detail (null when keyd does not run)."""
+    views = daemon or {}
     return {"volumes": [{
         "name": rep.name, "state": rep.state, "services": list(rep.services),
+        "daemon": ({"state": views[rep.name][0], "detail": views[rep.name][1]}
+                   if rep.name in views else None),
         "layers": [{"name": s.name, "kind": s.kind, "state": _layer_state(s),
                     "owned": s.owned, "device": s.device, "degraded": s.degraded,
                     "mountpoint": s.mountpoint, "detail": s.detail, "problem": s.problem,

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 from keyd.fingerprint import normalize_fingerprint
+from keyd.trust import shares
 from keyd.trust.atomic import write_atomic
 from keyd.trust.errors import ManifestError, Reason, TrustError
 from keyd.trust.gpg import GnuPG
@@ -28,12 +29,14 @@ from keyd.trust.manifest import (
     KeyEntry,
     KeyFile,
     Manifest,
+    ShareFile,
     parse_manifest,
     render_manifest,
 )
 from keyd.trust.revocation import Revocations
 from keyd.trust.safe_read import BUNDLE_DIR, read_bundle
 from keyd.trust.secret import KeySet, SecretBytes
+from keyd.trust.shares import ShareSet
 from keyd.trust.status import judge_output
 
 
@@ -103,9 +106,9 @@ def replaced_files(existing: Manifest | None, entry: KeyEntry) -> list[str]:
     """Key files of the volume's replaced entry that the new entry does not reuse."""
     if existing is None:
         return []
-    kept = {secret.file for secret in entry.secrets}
+    kept = {secret.file for secret in entry.files}
     return sorted({secret.file for old in existing.keys if old.volume == entry.volume
-                   for secret in old.secrets} - kept)
+                   for secret in old.files} - kept)
 
 
 def readable(directory: Path, manifest: bytes) -> None:
@@ -141,24 +144,61 @@ class Enroller:
         generation = request.generation or next_generation(existing, request.volume,
                                                            last_accepted)
         stored = {name: self._stored(request, secret) for name, secret in keys.items()}
-        return self.write(request, new_entry(request, stored, generation), stored, existing, now)
+        entry = new_entry(request, stored, generation)
+        files = {secret.file: stored[secret.name] for secret in entry.secrets}
+        return self.write(request, entry, files, existing, now)
+
+    def enroll_shares(self, requests: Sequence[EnrollRequest], keys: KeySet, threshold: int,
+                      now: datetime, last_accepted: int | None = None) -> list[KeyEntry]:
+        """Write one share bundle per request (one per stick): any ``threshold`` of them
+        together open ``keys``; fewer open nothing (see :mod:`keyd.trust.shares`)."""
+        existing = [self.existing_manifest(request) for request in requests]
+        first = requests[0]
+        generation = first.generation or max(next_generation(manifest, first.volume,
+                                                             last_accepted)
+                                             for manifest in existing)
+        split = ShareSet(first.volume, str(uuid.uuid4()), generation, threshold, len(requests))
+        with shares.new_master() as master:
+            pieces = shares.split(master, threshold, len(requests))
+            sealed = shares.seal(master, split, keys)
+        entries = []
+        for (index, piece), request, manifest in zip(pieces, requests, existing, strict=True):
+            entry, files = self._share_entry(request, split, index, piece, sealed)
+            entries.append(self.write(request, replace(entry, generation=generation), files,
+                                      manifest, now))
+        return entries
+
+    def _share_entry(self, request: EnrollRequest, split: ShareSet, index: int, piece: bytes,
+                     sealed: Mapping[str | None, bytes]) -> tuple[KeyEntry, dict[str, bytes]]:
+        encrypted = request.encrypt_to is not None
+        share = self._stored(request, SecretBytes(piece))
+        share_file = KeyFile(f"{request.volume}.share" + (".gpg" if encrypted else ""),
+                             hashlib.sha256(share).hexdigest(), encrypted)
+        stems = {name: f"{request.volume}.{name}" if name else request.volume for name in sealed}
+        secrets = tuple(KeyFile(f"{stems[name]}.sealed", hashlib.sha256(blob).hexdigest(),
+                                name=name) for name, blob in sealed.items())
+        entry = replace(new_entry(request, {}, split.generation), secrets=secrets,
+                        share=ShareFile(split.set_id, index, split.threshold, split.count,
+                                        share_file))
+        files = {secret.file: sealed[secret.name] for secret in secrets}
+        return entry, {**files, share_file.file: share}
 
     def _stored(self, request: EnrollRequest, secret: SecretBytes) -> bytes:
         if request.encrypt_to:
             return self.gpg.encrypt(secret.buffer, request.encrypt_to)
         return bytes(secret.buffer)
 
-    def write(self, request: EnrollRequest, entry: KeyEntry, stored: Mapping[str | None, bytes],
+    def write(self, request: EnrollRequest, entry: KeyEntry, files: Mapping[str, bytes],
               existing: Manifest | None, now: datetime) -> KeyEntry:
-        """Write ``entry``'s files, the manifest merged with it and the signature."""
+        """Write ``entry``'s files (by file name), the manifest merged with it, the signature."""
         directory = request.output / BUNDLE_DIR
         manifest_bytes = render_manifest(merge(existing, entry, now))
         readable(directory, manifest_bytes)
         signature = self.gpg.sign_detached(manifest_bytes, request.signing_key)
         # Keys first, signature last: a crash leaves a bundle that fails verification, not a
         # bundle that verifies with a stale key.
-        for secret in entry.secrets:
-            write_atomic(directory / secret.file, stored[secret.name], mode=0o600)
+        for secret in entry.files:
+            write_atomic(directory / secret.file, files[secret.file], mode=0o600)
         write_atomic(directory / MANIFEST_NAME, manifest_bytes, mode=0o644)
         write_atomic(directory / SIGNATURE_NAME, signature, mode=0o644)
         for name in replaced_files(existing, entry):
@@ -172,8 +212,13 @@ class Enroller:
         never retires the other, and a lost one is revoked by its bundle id or serial alone.
         """
         original = self._source_entry(request, source)
+        if original.share is not None:
+            raise TrustError(Reason.MALFORMED_MANIFEST, f"{source} holds a share of volume "
+                             f"{request.volume}; a copy would be the same share again",
+                             subject=str(source), fix="enroll the shares anew with --shares "
+                             "(one stick more for a spare)")
         with read_bundle(source) as raw:
-            stored = {secret.name: bytes(raw.files[secret.file]) for secret in original.secrets
+            stored = {secret.file: bytes(raw.files[secret.file]) for secret in original.secrets
                       if secret.file in raw.files}
         if len(stored) != len(original.secrets):
             raise TrustError(Reason.MISSING_KEY_FILE, f"{source}/{BUNDLE_DIR} lacks a key file "

@@ -8,8 +8,10 @@ exception escapes :func:`parse_manifest`, whatever the input.
 Format 1 gives each volume one key file, used for every crypt layer. Format 2
 gives an entry one or more ``[[key.secret]]`` tables, each for one key name (a
 crypt layer's ``key``), so two layers made with different passphrases open
-from one stick. keyd writes format 1 whenever the bundle fits it, so older
-keyds keep reading what they can.
+from one stick. A format 2 entry with a ``[key.share]`` table is one share of
+a k-of-n enrollment: its secrets are sealed, and open only once k shares of
+the same set are combined (:mod:`keyd.trust.shares`). keyd writes format 1
+whenever the bundle fits it, so older keyds keep reading what they can.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from keyd.trust.errors import ManifestError, Reason
 from keyd.trust.revocation import Revocations, revocations_from_table, valid_token
+from keyd.trust.shares import MAX_SHARES
 from keyd.trust.tomlw import toml_table
 
 FORMAT = 1
@@ -42,7 +45,8 @@ _COMMON = frozenset({"volume", "volume_uuid", "bundle_id", "generation", "not_be
                      "not_after", "bind_serial", "bind_fs_uuid"})
 _FILE = frozenset({"file", "sha256", "encrypted"})
 _SECRET = _FILE | {"name"}
-_ENTRY = {FORMAT: _COMMON | _FILE, NAMED_FORMAT: _COMMON | {"secret"}}
+_SHARE = _FILE | {"set", "index", "threshold", "count"}
+_ENTRY = {FORMAT: _COMMON | _FILE, NAMED_FORMAT: _COMMON | {"secret", "share"}}
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,17 @@ class KeyFile:
 
 
 @dataclass(frozen=True)
+class ShareFile:
+    """One share of a k-of-n enrollment: the split it belongs to, its place, and its file."""
+
+    set_id: str
+    index: int
+    threshold: int
+    count: int
+    file: KeyFile
+
+
+@dataclass(frozen=True)
 class KeyEntry:
     """One bundle: which volume its secrets open, where they may live, and when."""
 
@@ -71,11 +86,18 @@ class KeyEntry:
     volume_uuid: str | None = None
     bind_serial: str | None = None
     bind_fs_uuid: str | None = None
+    share: ShareFile | None = None  # set: the secrets are sealed until k shares combine
 
     @property
     def named(self) -> bool:
-        """True when the entry needs format 2 (a named secret, or more than one)."""
-        return len(self.secrets) > 1 or any(s.name is not None for s in self.secrets)
+        """True when the entry needs format 2 (a named secret, more than one, or a share)."""
+        return (len(self.secrets) > 1 or any(s.name is not None for s in self.secrets)
+                or self.share is not None)
+
+    @property
+    def files(self) -> tuple[KeyFile, ...]:
+        """Every file the entry names: its secrets, then its share."""
+        return self.secrets + ((self.share.file,) if self.share else ())
 
 
 @dataclass(frozen=True)
@@ -140,7 +162,7 @@ def _entries(value: Any, version: int) -> tuple[KeyEntry, ...]:
     entries = tuple(_entry(item, f"key[{index}]", version) for index, item in enumerate(value))
     _unique("key", "volume", [entry.volume for entry in entries])
     _unique("key", "bundle_id", [entry.bundle_id for entry in entries])
-    _unique("key", "file", [secret.file for entry in entries for secret in entry.secrets])
+    _unique("key", "file", [secret.file for entry in entries for secret in entry.files])
     return entries
 
 
@@ -150,12 +172,18 @@ def _unique(where: str, name: str, seen: list[Any]) -> None:
         raise _bad(where, f"{name} {duplicates[0]!r} appears more than once")
 
 
-def _entry(item: Any, where: str, version: int) -> KeyEntry:
+def _table(item: Any, where: str, allowed: frozenset[str], what: str) -> dict[str, Any]:
+    """``item`` as a table with only ``allowed`` keys (``what`` names an unknown one)."""
     if not isinstance(item, dict):
         raise _bad(where, "must be a table")
-    unknown = sorted(set(item) - _ENTRY[version])
+    unknown = sorted(set(item) - allowed)
     if unknown:
-        raise _bad(f"{where}.{unknown[0]}", f"is not a key-entry field of format {version}")
+        raise _bad(f"{where}.{unknown[0]}", f"is not {what}")
+    return item
+
+
+def _entry(value: Any, where: str, version: int) -> KeyEntry:
+    item = _table(value, where, _ENTRY[version], f"a key-entry field of format {version}")
     entry = KeyEntry(
         volume=_matching(item, "volume", where, _NAME),
         bundle_id=_token(item, "bundle_id", where),
@@ -167,8 +195,28 @@ def _entry(item: Any, where: str, version: int) -> KeyEntry:
         volume_uuid=_optional_match(item, "volume_uuid", where, _UUID),
         bind_serial=_optional_token(item, "bind_serial", where),
         bind_fs_uuid=_optional_match(item, "bind_fs_uuid", where, _UUID),
+        share=_share(item["share"], f"{where}.share") if "share" in item else None,
     )
     return _checked(entry, where)
+
+
+def _share(value: Any, where: str) -> ShareFile:
+    item = _table(value, where, _SHARE, "a share field (set, index, threshold, count, file, "
+                  "sha256, encrypted)")
+    share = ShareFile(set_id=_token(item, "set", where), index=_small(item, "index", where),
+                      threshold=_small(item, "threshold", where),
+                      count=_small(item, "count", where), file=_key_file(item, where))
+    if not 2 <= share.threshold <= share.count or share.index > share.count:
+        raise _bad(where, f"needs 2 <= threshold <= count and index <= count (index "
+                   f"{share.index}, threshold {share.threshold}, count {share.count})")
+    return share
+
+
+def _small(item: dict[str, Any], name: str, where: str) -> int:
+    value = item.get(name)
+    if type(value) is not int or not 1 <= value <= MAX_SHARES:
+        raise _bad(f"{where}.{name}", f"is required and must be an integer from 1 to {MAX_SHARES}")
+    return value
 
 
 def _secrets(value: Any, where: str) -> tuple[KeyFile, ...]:
@@ -181,13 +229,8 @@ def _secrets(value: Any, where: str) -> tuple[KeyFile, ...]:
     return secrets
 
 
-def _named_file(item: Any, where: str) -> KeyFile:
-    if not isinstance(item, dict):
-        raise _bad(where, "must be a table")
-    unknown = sorted(set(item) - _SECRET)
-    if unknown:
-        raise _bad(f"{where}.{unknown[0]}", "is not a secret field (name, file, sha256, "
-                   "encrypted)")
+def _named_file(value: Any, where: str) -> KeyFile:
+    item = _table(value, where, _SECRET, "a secret field (name, file, sha256, encrypted)")
     secret = _key_file(item, where)
     name = _optional_match(item, "name", where, _NAME)
     return KeyFile(secret.file, secret.sha256, secret.encrypted, name)
@@ -279,6 +322,8 @@ def render_manifest(manifest: Manifest) -> bytes:
     parts = [toml_table(None, [("format", manifest.format), ("created", manifest.created)])]
     for entry in manifest.keys:
         parts.append(toml_table("[[key]]", _entry_items(entry, manifest.format)))
+        if entry.share is not None:
+            parts.append(toml_table("[key.share]", _share_items(entry.share)))
         if manifest.format == NAMED_FORMAT:
             parts += [toml_table("[[key.secret]]", _file_items(secret))
                       for secret in entry.secrets]
@@ -297,6 +342,11 @@ def _entry_items(entry: KeyEntry, version: int) -> list[tuple[str, Any]]:
             ("bundle_id", entry.bundle_id), *files, ("generation", entry.generation),
             ("not_before", entry.not_before), ("not_after", entry.not_after),
             ("bind_serial", entry.bind_serial), ("bind_fs_uuid", entry.bind_fs_uuid)]
+
+
+def _share_items(share: ShareFile) -> list[tuple[str, Any]]:
+    return [("set", share.set_id), ("index", share.index), ("threshold", share.threshold),
+            ("count", share.count), *_file_items(share.file)]
 
 
 def _file_items(secret: KeyFile) -> list[tuple[str, Any]]:

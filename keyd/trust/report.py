@@ -11,20 +11,34 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from keyd.trust.errors import Reason
-from keyd.trust.secret import KeySet, WipeOnExit
+from keyd.trust.secret import KeySet, SecretBytes, WipeOnExit
 
 if TYPE_CHECKING:
     from keyd.trust.manifest import KeyEntry, Manifest
 
 
 @dataclass
+class HeldShare(WipeOnExit):
+    """An accepted share of a k-of-n enrollment and the sealed keys its bundle carries."""
+
+    share: SecretBytes
+    sealed: dict[str | None, bytes]
+
+    def wipe(self) -> None:
+        """Zero the share (the sealed keys are no secret without enough shares)."""
+        self.share.wipe()
+
+
+@dataclass
 class Verdict:
-    """The outcome for one bundle of the manifest; ``keys`` is set only when accepted."""
+    """The outcome for one bundle of the manifest; when accepted, ``keys`` holds its keys, or
+    ``share`` its share (a k-of-n bundle, whose keys open only with k shares)."""
 
     entry: KeyEntry
     reason: Reason | None
     message: str
     keys: KeySet | None = None
+    share: HeldShare | None = None
 
     @property
     def accepted(self) -> bool:
@@ -52,3 +66,5 @@ class StickReport(WipeOnExit):
         for verdict in self.verdicts:
             if verdict.keys is not None:
                 verdict.keys.wipe()
+            if verdict.share is not None:
+                verdict.share.wipe()

@@ -30,9 +30,10 @@ from keyd.trust.manifest import (
     KeyEntry,
     KeyFile,
     Manifest,
+    ShareFile,
     parse_manifest,
 )
-from keyd.trust.report import StickReport, Verdict
+from keyd.trust.report import HeldShare, StickReport, Verdict
 from keyd.trust.revocation import Revocations, load_revocations, save_revocations
 from keyd.trust.safe_read import RawBundle, read_bundle
 from keyd.trust.secret import KeySet, SecretBytes
@@ -137,7 +138,7 @@ def check_entry(entry: KeyEntry, raw: RawBundle, checks: Checks) -> list[bytearr
     if entry.bundle_id in checks.revoked.bundle_ids:
         raise BundleRejected(Reason.REVOKED_BUNDLE, f"volume {entry.volume}: bundle "
                           f"{entry.bundle_id} is revoked", subject=entry.volume)
-    files = [check_key_file(entry, secret, raw) for secret in entry.secrets]
+    files = [check_key_file(entry, secret, raw) for secret in entry.files]
     check_window(entry, checks.now)
     check_binding(entry, checks.stick)
     check_generation(entry, checks.generations.get(entry.volume))
@@ -186,17 +187,26 @@ class Verifier:
         return signer, parse_manifest(bytes(data))
 
     def _verdict(self, entry: KeyEntry, raw: RawBundle, checks: Checks) -> Verdict:
-        opened: dict[str | None, SecretBytes] = {}
         try:
             files = check_entry(entry, raw, checks)
+            if entry.share is not None:
+                return self._share(entry, entry.share, files)
+            opened: dict[str | None, SecretBytes] = {}
             for secret, data in zip(entry.secrets, files, strict=True):
                 opened[secret.name] = self._plaintext(entry, secret, data)
         except TrustError as exc:
-            KeySet(opened).wipe()
             return Verdict(entry, exc.reason, exc.message)
         return Verdict(entry, None, f"volume {entry.volume}: accepted (generation "
                        f"{entry.generation}, bundle {entry.bundle_id}{_named(entry)})",
                        KeySet(opened))
+
+    def _share(self, entry: KeyEntry, share: ShareFile, files: list[bytearray]) -> Verdict:
+        sealed = {secret.name: bytes(data) for secret, data in zip(entry.secrets, files,
+                                                                     strict=False)}
+        held = HeldShare(self._plaintext(entry, share.file, files[-1]), sealed)
+        return Verdict(entry, None, f"volume {entry.volume}: share {share.index} of "
+                       f"{share.count} accepted ({share.threshold} needed; set {share.set_id}, "
+                       f"generation {entry.generation}, bundle {entry.bundle_id})", share=held)
 
     def _plaintext(self, entry: KeyEntry, secret: KeyFile, data: bytearray) -> SecretBytes:
         if not secret.encrypted:

@@ -25,9 +25,11 @@ from keyd.engine.service import Outcome
 from keyd.engine.status import VolumeReport
 from keyd.errors import KeydError
 from keyd.trust.errors import Reason
-from keyd.trust.manifest import KeyEntry, KeyFile, Manifest
-from keyd.trust.report import StickReport, Verdict
+from keyd.trust.manifest import KeyEntry, KeyFile, Manifest, ShareFile
+from keyd.trust.report import HeldShare, StickReport, Verdict
 from keyd.trust.secret import KeySet, SecretBytes
+from keyd.trust.shares import ShareSet, new_master, seal
+from keyd.trust.shares import split as split_master
 
 CONFIG = parse_config(textwrap.dedent("""
     [volume.tank]
@@ -250,6 +252,24 @@ def accepted(*volumes: str, key: bytes = GOOD_KEY) -> StickReport:
                              KeySet.single(SecretBytes(key)))
                      for v in volumes)
     return StickReport(None, "ok", SIGNER, Manifest(tuple(v.entry for v in verdicts)), verdicts)
+
+
+def share_reports(volume: str, *, threshold: int = 2, count: int = 3, set_id: str = "set-1",
+                  key: bytes = GOOD_KEY) -> list[StickReport]:
+    """One accepted share report per stick of a k-of-n enrollment sealing ``key`` (real
+    Shamir and sealing; only the stick reading is faked)."""
+    split = ShareSet(volume, set_id, 3, threshold, count)
+    with new_master() as master:
+        pieces = split_master(master, threshold, count)
+        sealed = seal(master, split, KeySet.single(SecretBytes(key)))
+    reports = []
+    for index, piece in pieces:
+        share = ShareFile(set_id, index, threshold, count, KeyFile(f"{volume}.share", "0" * 64))
+        bundle = replace(entry(volume, f"{set_id}-{index}"), share=share)
+        verdict = Verdict(bundle, None, f"volume {volume}: share {index} of {count} accepted",
+                          share=HeldShare(SecretBytes(piece), dict(sealed)))
+        reports.append(StickReport(None, "ok", SIGNER, Manifest((bundle,)), (verdict,)))
+    return reports
 
 
 def rejected(reason: Reason = Reason.BAD_SIGNATURE) -> StickReport:

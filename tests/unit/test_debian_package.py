@@ -48,7 +48,7 @@ def test_every_program_keyd_runs_is_a_dependency_or_recommendation() -> None:
 
 def test_the_python_libraries_are_debians() -> None:
     assert {"python3-pyudev", "python3-gnupg", "python3-pydbus", "python3-gi", "python3-systemd",
-            "python3-cryptography"} <= control_field("Depends")
+            "python3-cryptography", "python3-pycryptodome"} <= control_field("Depends")
 
 
 def test_the_package_ships_every_file_keydctl_install_installs() -> None:

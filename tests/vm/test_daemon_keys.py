@@ -1,8 +1,10 @@
-"""keyd.service on a real kernel: backup sticks and re-keying, with hot-plugged signed sticks.
+"""keyd.service on a real kernel: backup sticks, re-keying and k-of-n, with hot-plugged sticks.
 
 A backup stick (``keydctl enroll --backup-of``) carries the primary's key at the same
 generation: using either never retires the other. Re-keying the primary (a new
-generation) retires both once the new stick has been used.
+generation) retires both once the new stick has been used. Two of three share sticks
+(``keydctl enroll --shares 3 --threshold 2``) unlock; one alone does not, and a share of
+another enrollment never completes it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from keyd_lab.daemon_setup import (
+    GUEST_BIN,
     Signer,
     audit_records,
     config_toml,
@@ -19,6 +22,7 @@ from keyd_lab.daemon_setup import (
     install_keyd,
     journal_text,
     make_backup_stick,
+    make_share_sticks,
     make_stick,
     start_keyd,
     volume_key,
@@ -90,3 +94,50 @@ def test_a_backup_stick_and_the_primary_both_work_until_a_re_key_retires_them(
                                   if r["KEYD_EVENT"] == "bundle-accepted")
     assert refused(guest, backup) == ["REPLAYED_GENERATION"]
     assert refused(guest, old_primary)[0] in ("REVOKED_BUNDLE", "REPLAYED_GENERATION")
+
+
+def wait_event(guest: GuestLab, after: str, event: str, count: int = 1) -> None:
+    """Wait until keyd audited ``event`` (``count`` times) after the cursor ``after``."""
+    seen = (f"test $(journalctl -o cat --output-fields=KEYD_EVENT --after-cursor='{after}' "
+            f"| grep -cx {event}) -ge {count}")
+    assert wait_until(guest, seen, 180), journal_text(guest, "keyd.service")
+
+
+def test_two_of_three_share_sticks_unlock_and_one_alone_does_not(
+        guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
+    volume = "lima"
+    disk = guest.disk("DISKLIMA", 64)
+    format_volume(guest, disk, volume_key(volume))
+    install_keyd(guest, signer, config_toml(signer, volume_toml(volume, disk)))
+    start_keyd(guest)
+    first, second, _ = make_share_sticks(tmp_path, signer, ["SHAREA", "SHAREB", "SHAREC"],
+                                         volume, volume_key(volume), threshold=2)
+    stranger = make_share_sticks(tmp_path / "other", signer, ["SHAREX", "SHAREY", "SHAREZ"],
+                                 volume, volume_key(volume), threshold=2)[1]
+    start = cursor(guest)
+
+    guest.plug(first)
+    wait_event(guest, start, "share-accepted")
+    guest.unplug(first.serial)
+    status = guest.check([str(GUEST_BIN / "keydctl"), "status", volume], timeout=120).stdout
+    print(f"\nkeydctl status with one share held:\n{status}")
+    assert "waiting for 1 more stick (1 of 2 shares)" in status
+    # A share of another enrollment of the same volume does not complete the first.
+    guest.plug(stranger)
+    wait_event(guest, start, "share-accepted", 2)
+    guest.unplug(stranger.serial)
+    assert guest.run(["sh", "-c", f"findmnt /mnt/t/{volume}"]).rc != 0
+
+    guest.plug(second)
+
+    assert wait_until(guest, f"findmnt /mnt/t/{volume}", 180), journal_text(guest, "keyd.service")
+    assert guest.check(["cat", f"/mnt/t/{volume}/hello"]).stdout == "hello\n"
+    records = audit_records(guest, start)
+    trail = events(records, volume)
+    print(f"audit trail: {trail}")
+    assert trail.count("share-accepted") == 3 and trail.count("shares-combined") == 1, trail
+    assert trail.index("shares-combined") < trail.index("unlock-started") \
+        < trail.index("unlock-finished"), trail
+    held = [r["KEYD_REASON"] for r in records if r["KEYD_EVENT"] == "share-accepted"]
+    assert held == ["1 of 2", "1 of 2", "2 of 2"], held
+    assert volume_state(guest, volume) == "unlocked"

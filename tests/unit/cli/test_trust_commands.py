@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from keyd.cli.enroll_command import enroll_main
 from keyd.cli.main import build_parser, main
-from keyd.cli.trust_commands import enroll_main, parse_date
+from keyd.cli.trust_args import parse_date
 from keyd.errors import ProgramError
 from keyd.runner import SubprocessRunner
 from keyd_lab import gpg_scratch
@@ -319,3 +320,48 @@ def test_a_backup_takes_its_keys_from_the_primary_only(cli: Cli) -> None:
     assert backup("tank", "--generation", "5") == 2
     assert backup("media") == 6  # the primary holds no bundle for media
     assert not (cli.tmp / "backup" / "keyd" / "manifest").exists()
+
+
+def enroll_shares(cli: Cli, *extra: str, count: int = 3, threshold: int = 2) -> int:
+    sticks = [arg for index in range(count) for arg in (
+        "--output", str(cli.tmp / f"share{index}"), "--bind-serial", f"SHARE{index}")]
+    return main(["enroll", *cli.common(), "--volume", "vault", "--signing-key", cli.keys.signer,
+                 "--shares", str(count), "--threshold", str(threshold), *sticks, *extra])
+
+
+def test_k_of_n_writes_one_signed_share_per_stick(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    (cli.tmp / "vault.key").write_bytes(b"the volume's existing key")
+    assert enroll_shares(cli, "--key-file", str(cli.tmp / "vault.key")) == 0
+    out = capsys.readouterr().out
+    assert [f"share {i} of 3 (2 needed)" in out for i in (1, 2, 3)] == [True] * 3
+    for index in range(3):
+        keyd = cli.tmp / f"share{index}" / "keyd"
+        assert sorted(p.name for p in keyd.iterdir()) == [
+            "manifest", "manifest.sig", "vault.sealed", "vault.share"]
+        assert b"existing key" not in (keyd / "vault.sealed").read_bytes()
+        code = main(["verify", *cli.common(), str(keyd.parent), "--serial", f"SHARE{index}",
+                     "--json"])
+        verdict = json.loads(capsys.readouterr().out)["volumes"][0]
+        assert code == 0 and f"share {index + 1} of 3 accepted (2 needed" in verdict["message"]
+    sets = {(cli.tmp / f"share{i}" / "keyd" / "vault.sealed").read_bytes() for i in range(3)}
+    assert len(sets) == 1  # every stick carries the same sealed key
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (("--shares", "3"), "needs --threshold"),
+    (("--threshold", "2"), "--threshold goes with --shares"),
+    (("--shares", "2", "--threshold", "3"), "needs --threshold K with 2 <= K <= 2"),
+])
+def test_k_of_n_options_that_do_not_fit_are_usage_errors(
+        cli: Cli, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], words: str) -> None:
+    assert cli.enroll("vault", *argv) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_each_share_stick_needs_its_own_output_and_binding(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    assert enroll_shares(cli, "--bind-serial", "ONEMORE") == 2
+    assert "--bind-serial is given 4 times for 3 stick(s)" in capsys.readouterr().err
+    assert cli.enroll("vault", "--shares", "2", "--threshold", "2") == 2
+    assert "give --output 2 times" in capsys.readouterr().err

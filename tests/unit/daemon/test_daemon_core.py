@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+
 from keyd.daemon.uevents import MemberAdded, StickAdded, StickGone, StickInfo
 from keyd.engine.errors import DegradedRefused, DevicesMissing, StorageError
 from keyd.errors import KeydError
 from keyd.trust.errors import Reason
 from keyd.trust.secret import KeySet, SecretBytes
-from tests.support.daemon_fakes import GOOD_KEY, STICK, FakeLoop, accepted, harness, rejected
+from tests.support.daemon_fakes import (
+    GOOD_KEY,
+    STICK,
+    FakeLoop,
+    accepted,
+    harness,
+    rejected,
+    share_reports,
+)
 
 
 def test_start_up_keeps_open_volumes_and_waits_for_keys_for_the_rest() -> None:
@@ -395,3 +405,54 @@ def test_a_generation_that_cannot_be_recorded_is_audited_and_the_volume_still_op
     record = next(r for r in h.sink.records if r.event == "state-not-saved")
     assert record.volume == "tank" and record.priority == 4  # a warning
     assert "Read-only file system" in record.message and "retired sticks" in record.message
+
+
+def stick(n: int) -> StickInfo:
+    return StickInfo(f"/dev/sd{'xyz'[n]}1", "vfat", f"SHARESTICK{n}")
+
+
+def test_two_of_three_share_sticks_unlock_and_one_says_how_many_more() -> None:
+    h = harness()
+    h.daemon.start([])
+    first, second, _ = share_reports("tank")
+    h.sticks.reports += [first]
+    h.daemon.handle_uevent(StickAdded(stick(0)))
+    h.loop.run()
+    assert h.state("tank") == "waiting-for-key" and h.engine.calls == []
+    assert h.daemon.shown["tank"][1] == "waiting for 1 more stick (1 of 2 shares)"
+    accepted_share = h.sink.records[-1]
+    assert (accepted_share.event, accepted_share.reason) == ("share-accepted", "1 of 2")
+    h.sticks.reports += [second]
+    h.daemon.handle_uevent(StickAdded(stick(1)))
+    h.loop.run()
+    assert h.state("tank") == "unlocked" and h.engine.keys_seen == [GOOD_KEY]
+    trail = h.events()
+    assert trail.index("share-accepted") < trail.index("shares-combined") \
+        < trail.index("unlock-started") < trail.index("unlock-finished"), trail
+    assert h.sticks.committed == [("tank",)]
+    assert len(h.daemon.keys) == 0 and h.daemon.shares.waiting("tank") is None
+
+
+def test_the_same_share_twice_counts_once_and_other_enrollments_never_combine() -> None:
+    h = harness()
+    h.daemon.start([])
+    mine, theirs = share_reports("tank"), share_reports("tank", set_id="set-2")
+    h.sticks.reports += [copy.deepcopy(mine[0]), mine[0], theirs[1]]  # a stick read twice
+    for n in range(3):
+        h.daemon.handle_uevent(StickAdded(stick(n)))
+        h.loop.run()
+        h.daemon.handle_uevent(StickGone(stick(n).devnode))
+    assert h.engine.calls == [] and h.state("tank") != "unlocked"
+    assert h.daemon.shares.waiting("tank") == (1, 2)
+
+
+def test_shares_expire_after_share_timeout() -> None:
+    h = harness(share_timeout=60.0)
+    h.daemon.start([])
+    h.sticks.reports += [share_reports("tank")[0]]
+    h.daemon.handle_uevent(StickAdded(stick(0)))
+    h.loop.run()
+    h.loop.advance(61)
+    assert h.daemon.shares.waiting("tank") is None
+    assert "shares-expired" in h.events()
+    assert not h.daemon.shown["tank"][1].startswith("waiting for")

@@ -13,6 +13,7 @@ from keyd.trust.manifest import (
     KeyEntry,
     KeyFile,
     Manifest,
+    ShareFile,
     manifest_from_table,
     parse_manifest,
     render_manifest,
@@ -127,7 +128,18 @@ def entries(draw: st.DrawFn, index: int) -> KeyEntry:
         volume_uuid=draw(st.one_of(st.none(), st.uuids().map(str))),
         bind_serial=serial,
         bind_fs_uuid=draw(st.from_regex(r"[0-9A-F]{4}-[0-9A-F]{4}", fullmatch=True))
-        if serial is None else None)
+        if serial is None else None,
+        share=draw(st.one_of(st.none(), shares(index))))
+
+
+@st.composite
+def shares(draw: st.DrawFn, index: int) -> ShareFile:
+    """A k-of-n share (its entry then needs format 2)."""
+    count = draw(st.integers(2, 16))
+    return ShareFile(draw(TOKENS), draw(st.integers(1, count)), draw(st.integers(2, count)),
+                     count, KeyFile(f"s{index}.share",
+                                    draw(st.from_regex(r"[0-9a-f]{64}", fullmatch=True)),
+                                    draw(st.booleans())))
 
 
 @st.composite
@@ -249,3 +261,36 @@ def test_format_2_secrets_are_checked_strictly(old: str, new: str, words: str | 
     with pytest.raises(ManifestError) as caught:
         parse_manifest(data)
     assert caught.value.reason is Reason.MALFORMED_MANIFEST and words in str(caught.value)
+
+
+SHARE_TABLE = f"""[key.share]
+set = "set-1"
+index = 2
+threshold = 2
+count = 3
+file = "secret.share"
+sha256 = "{DIGEST}"
+
+"""
+SHARE = NAMED.replace("[[key.secret]]", SHARE_TABLE + "[[key.secret]]", 1)
+
+
+def test_a_share_entry_names_its_split_and_its_file() -> None:
+    manifest = parse_manifest(SHARE.encode())
+    share = manifest.keys[0].share
+    assert share == ShareFile("set-1", 2, 2, 3, KeyFile("secret.share", DIGEST))
+    assert manifest.keys[0].files[-1] == share.file
+    assert parse_manifest(render_manifest(manifest)) == manifest
+
+
+@pytest.mark.parametrize(("old", "new", "words"), [
+    ("threshold = 2", "threshold = 1", "needs 2 <= threshold <= count"),
+    ("index = 2", "index = 4", "index <= count"),
+    ("count = 3", "count = 17", "from 1 to 16"),
+    ('set = "set-1"', 'set = "set 1"', "not a valid id"),
+    ('set = "set-1"', 'set = "set-1"\nname = "k9"', "not a share field"),
+])
+def test_share_tables_are_checked_strictly(old: str, new: str, words: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(SHARE.replace(old, new, 1).encode())
+    assert words in str(caught.value)

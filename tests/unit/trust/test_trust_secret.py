@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from keyd.cli.trust_commands import read_capped_secret
+from keyd.cli.enroll_command import read_capped_secret
 from keyd.errors import KeydError
 from keyd.runner import DEFAULT_TIMEOUT, Completed
 from keyd.trust.luks import add_keyslot, memfd_path
