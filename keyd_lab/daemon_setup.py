@@ -75,11 +75,13 @@ def volume_key(name: str) -> bytes:
 
 def make_stick(base: Path, signer: Signer, serial: str,
                volumes: Mapping[str, bytes | Mapping[str, bytes]], *,
-               bind_serial: str | None = None, runner: Runner | None = None) -> StickSpec:
+               bind_serial: str | None = None, runner: Runner | None = None,
+               extra: Sequence[str] = ()) -> StickSpec:
     """A vfat stick image with bundles for ``volumes`` signed by ``signer`` (``keydctl enroll``).
 
     A volume's key is bytes (one key for every layer) or key name -> bytes (format 2).
     Calling it again for the same serial re-keys: the bundles get the next generation.
+    ``extra``: more enroll options (e.g. ``--volume-uuid``).
     """
     runner = runner or SubprocessRunner()
     for volume, keys in volumes.items():
@@ -90,7 +92,7 @@ def make_stick(base: Path, signer: Signer, serial: str,
             key_file.write_bytes(key)
             sources += ["--key-file", f"{name}={key_file}" if name else str(key_file)]
         _enroll(runner, base, signer, serial, volume, *sources,
-                "--bind-serial", bind_serial or serial)
+                "--bind-serial", bind_serial or serial, *extra)
     return _image(runner, base, serial)
 
 
@@ -105,7 +107,8 @@ def make_backup_stick(base: Path, signer: Signer, primary: str, serial: str, vol
 
 
 def make_share_sticks(base: Path, signer: Signer, serials: Sequence[str], volume: str, key: bytes,
-                      *, threshold: int, runner: Runner | None = None) -> list[StickSpec]:
+                      *, threshold: int, runner: Runner | None = None,
+                      extra: Sequence[str] = ()) -> list[StickSpec]:
     """One stick per serial, each with a share of a k-of-n enrollment for ``volume``
     (``keydctl enroll --shares``): any ``threshold`` of them together open it with ``key``."""
     runner = runner or SubprocessRunner()
@@ -117,7 +120,7 @@ def make_share_sticks(base: Path, signer: Signer, serials: Sequence[str], volume
     runner.run([*KEYDCTL_HOST, "enroll", "--volume", volume, "--signing-key", signer.fingerprint,
                 "--signer", signer.fingerprint, "--gnupghome", str(signer.home),
                 "--state-dir", str(base / f"state-{serials[0]}"), "--key-file", str(key_file),
-                "--shares", str(len(serials)), "--threshold", str(threshold), *sticks],
+                "--shares", str(len(serials)), "--threshold", str(threshold), *sticks, *extra],
                timeout=120)
     return [_image(runner, base, serial) for serial in serials]
 

@@ -13,17 +13,21 @@ PASSPHRASE PROCESSING FOR PLAIN MODE"; cryptsetup's src/cryptsetup.c):
   "plain"), so no key ever lands in a file (seed 001);
 - LUKS reads the key bytes verbatim with ``--key-file=-``;
 - TCRYPT's ``--key-file`` means TrueCrypt keyfiles, so its passphrase goes to
-  stdin without it.
+  stdin without it; keyfiles from a key bundle go as ``--key-file`` memfd paths
+  (keyd.memfd), one per keyfile, and with keyfiles the passphrase may be empty.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from keyd.adapters.retry import Retry
 from keyd.config.model import CryptLayer
 from keyd.engine.errors import KeyRejected, StorageError
 from keyd.errors import ProgramError
+from keyd.memfd import memfd_path
 from keyd.runner import Runner
 
 # Key derivation can be slow: VeraCrypt without a pinned PRF tries every hash.
@@ -42,12 +46,13 @@ class OpenCommand:
     stdin: bytes
 
 
-def shape_key(volume: str, layer: CryptLayer, key: bytes | bytearray) -> bytes:
+def shape_key(volume: str, layer: CryptLayer, key: bytes | bytearray,
+              with_keyfiles: bool = False) -> bytes:
     """The exact bytes cryptsetup must read for ``layer`` (see the module docstring)."""
     data = bytes(key)
     if layer.key_format == "passphrase":
         data = data.removesuffix(b"\n").removesuffix(b"\r")
-        if not data:
+        if not data and not with_keyfiles:
             raise KeyRejected(f"the passphrase for {layer.name} of volume {volume} is empty")
     if layer.raw_key:
         need = (layer.key_size or 0) // 8
@@ -70,9 +75,14 @@ def _line(volume: str, layer: CryptLayer, data: bytes) -> bytes:
 
 
 def open_command(volume: str, layer: CryptLayer, device: str, dm_name: str,
-                 key: bytes | bytearray) -> OpenCommand:
-    """The cryptsetup argv and stdin that open ``layer``. Pure; key only in stdin."""
-    data = shape_key(volume, layer, key)
+                 key: bytes | bytearray, *, keyfile_paths: Sequence[str] = ()) -> OpenCommand:
+    """The cryptsetup argv and stdin that open ``layer``. Pure; key only in stdin, keyfiles
+    (TrueCrypt/VeraCrypt only) as paths of in-memory files."""
+    if keyfile_paths and layer.type not in ("tcrypt", "veracrypt"):
+        raise KeyRejected(f"the key bundle has keyfiles for {layer.name} of volume {volume}, "
+                          f"a {layer.type} layer", fix="keyfiles are for TrueCrypt/VeraCrypt "
+                          "layers: enroll the key as a key (kind \"key\")")
+    data = shape_key(volume, layer, key, bool(keyfile_paths))
     if layer.type == "luks":
         return OpenCommand(("cryptsetup", "open", "--type", "luks", "--key-file=-",
                             *_flags(layer), device, dm_name), data)
@@ -85,6 +95,7 @@ def open_command(volume: str, layer: CryptLayer, device: str, dm_name: str,
         options.append(f"--veracrypt-pim={layer.pim}")
     prf = _TCRYPT_PRF.get(layer.hash, layer.hash) if layer.hash is not None else None
     options += _value("--hash", prf) + _value("--cipher", layer.cipher)
+    options += [arg for path in keyfile_paths for arg in ("--key-file", path)]
     return OpenCommand(("cryptsetup", "open", "--type", "tcrypt", *options, *_flags(layer),
                         device, dm_name), _line(volume, layer, data))
 
@@ -128,11 +139,14 @@ class Cryptsetup:
         self.retry = retry or Retry()
 
     def open(self, volume: str, layer: CryptLayer, device: str, dm_name: str,
-             key: bytes | bytearray) -> str:
+             key: bytes | bytearray, *, keyfiles: Sequence[bytes | bytearray] = ()) -> str:
         """See CryptPort.open; exit 2 becomes KeyRejected ("wrong key for volume ...")."""
-        command = open_command(volume, layer, device, dm_name, key)
         try:
-            self.runner.run(command.argv, secret=command.stdin, timeout=_TIMEOUTS[layer.type])
+            with contextlib.ExitStack() as stack:
+                paths = [stack.enter_context(memfd_path(keyfile)) for keyfile in keyfiles]
+                command = open_command(volume, layer, device, dm_name, key, keyfile_paths=paths)
+                self.runner.run(command.argv, secret=command.stdin,
+                                timeout=_TIMEOUTS[layer.type])
         except ProgramError as exc:
             error = _open_error(volume, layer, device, dm_name, exc)
             if error is exc:

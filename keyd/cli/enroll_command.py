@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from keyd.cli.key_args import UsageError, parse_key_files
+from keyd.cli.key_args import UsageError, parse_key_files, split_named
 from keyd.cli.trust_args import parse_date, settings_from_args
 from keyd.errors import KeydError
 from keyd.runner import SubprocessRunner
@@ -66,6 +66,9 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-file", action="append", default=[], metavar="[NAME=]PATH",
                         help="use this existing key; NAME= makes it the key of the layers whose "
                              "`key` is NAME (repeatable)")
+    parser.add_argument("--tcrypt-keyfile", action="append", default=[], metavar="[NAME=]PATH",
+                        help="a TrueCrypt/VeraCrypt keyfile for key name NAME, used besides "
+                             "its passphrase (repeatable; alone: a keyfile-only volume)")
     parser.add_argument("--key-name", action="append", default=[], metavar="NAME",
                         help="generate a random key for key name NAME (repeatable)")
     parser.add_argument("--generate", metavar="BYTES", type=int,
@@ -159,6 +162,9 @@ def _stick_count(args: argparse.Namespace) -> int:
         raise UsageError(f"--shares {args.shares} writes {args.shares} sticks: give --output "
                          f"{args.shares} times (and no --bundle-id or --backup-of)",
                          fix="one --output and one --bind-serial per stick")
+    if args.tcrypt_keyfile:
+        raise UsageError("k-of-n sticks seal keys, not TrueCrypt keyfiles",
+                         fix="enroll the keyfiles in bundles of their own (without --shares)")
     return int(args.shares)
 
 
@@ -204,17 +210,22 @@ def _new_keys(args: argparse.Namespace, limits: Limits) -> KeySet:
         raise UsageError("--generate sizes generated keys; --key-file reads existing ones",
                          fix="give either, or add --key-name NAME for a generated key")
     keys: dict[str | None, SecretBytes] = {}
+    keyfiles: dict[str | None, list[SecretBytes]] = {}
     try:
         if files.default is not None:
             keys[None] = _read_key_file(Path(files.default), limits.key_bytes)
         for name, path in files.by_name.items():
             keys[name] = _read_key_file(Path(path), limits.key_bytes)
-        for name in args.key_name or ([] if args.key_file else [None]):
+        for entry in args.tcrypt_keyfile:
+            owner, where = split_named(entry)
+            keyfiles.setdefault(owner, []).append(_read_key_file(Path(where), limits.key_bytes))
+        given = args.key_file or args.tcrypt_keyfile
+        for name in args.key_name or ([] if given else [None]):
             keys[name] = _generated(args.generate, limits)
     except BaseException:
-        KeySet(keys).wipe()
+        KeySet(keys, keyfiles).wipe()
         raise
-    return KeySet(keys)
+    return KeySet(keys, keyfiles)
 
 
 def _generated(size: int | None, limits: Limits) -> SecretBytes:

@@ -34,19 +34,24 @@ class KeyFiles:
         return self.default is None and not self.by_name
 
 
+def split_named(entry: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` as (NAME, PATH); anything else (a path, even with a "=") as (None, it)."""
+    match = _NAMED_KEY.match(entry)
+    return (match.group(1), match.group(2)) if match else (None, entry)
+
+
 def parse_key_files(entries: Sequence[str], volume: str,
                     names: Sequence[str] | None = None) -> KeyFiles:
     """Split ``--key-file`` values; ``names`` (when known) are the volume's key names."""
     default, by_name = None, {}
     for entry in entries:
-        match = _NAMED_KEY.match(entry)
-        if match is None:
+        name, path = split_named(entry)
+        if name is None:
             if default is not None:
                 raise UsageError("give only one --key-file without NAME=",
                                  fix="use --key-file NAME=PATH for each key of the volume")
-            default = entry
+            default = path
             continue
-        name, path = match.groups()
         if names is not None and name not in names:
             raise UsageError(f"volume {volume} has no key named {name!r}",
                              fix=f"its keys are: {', '.join(names) or 'none'}")

@@ -39,7 +39,13 @@ class TrustChecker:
         # The pipeline, on first use (see the class docstring).
         from keyd.trust.gpg import GnuPG  # noqa: PLC0415
         from keyd.trust.stick_mount import StickMounter  # noqa: PLC0415
-        from keyd.trust.verify import StickIdentity, Verifier, load_state, refused  # noqa: PLC0415
+        from keyd.trust.verify import (  # noqa: PLC0415
+            StickIdentity,
+            Verifier,
+            load_state,
+            recordable,
+            refused,
+        )
         mounter = StickMounter(self.runner, run_dir=self.settings.run_dir,
                                filesystems=self.settings.filesystems, limits=self.settings.limits)
         try:
@@ -47,9 +53,10 @@ class TrustChecker:
             log.info("stick %s was mounted for %.3f s", stick.devnode, read.mounted_seconds)
             gpg = GnuPG(self.settings.gnupghome)
             with read.bundle:
-                return Verifier(gpg, self.settings.signers, decryptor=gpg).verify(
+                report = Verifier(gpg, self.settings.signers, decryptor=gpg).verify(
                     read.bundle, StickIdentity(stick.serial, stick.fs_uuid),
                     load_state(self.settings))
+            return recordable(report, self.settings)
         except TrustError as exc:
             return refused(exc)
 

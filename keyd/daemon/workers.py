@@ -22,6 +22,7 @@ from keyd.engine.errors import (
     StorageError,
     VolumeBusy,
     VolumeLocked,
+    WrongVolume,
 )
 from keyd.engine.keys import MappingKeys
 from keyd.engine.status import VolumeReport
@@ -38,7 +39,8 @@ def reason_code(error: BaseException) -> str:
     """A stable code for an engine failure (KEYD_REASON)."""
     if isinstance(error, TrustError):
         return error.reason.value
-    for kind, code in ((DegradedRefused, "DEGRADED_REFUSED"), (KeyRejected, "WRONG_KEY"),
+    for kind, code in ((DegradedRefused, "DEGRADED_REFUSED"), (WrongVolume, "WRONG_VOLUME"),
+                       (KeyRejected, "WRONG_KEY"),
                        (VolumeBusy, "BUSY"), (VolumeLocked, "VOLUME_LOCKED"),
                        (ProgramError, "PROGRAM_FAILED"), (StorageError, "STORAGE_ERROR"),
                        (KeydError, "ERROR")):
@@ -68,9 +70,13 @@ def _keys(volume: Volume, store: KeyStore, ref: str | None) -> MappingKeys:
     """The keys behind ``ref`` by key name (a name's own secret, else the set's default)."""
     if ref is None:
         return MappingKeys({})
-    held = store.get(ref).keys
+    held = store.get(ref)
+    signed = [v.entry.volume_uuid for v in held.report.verdicts] if held.report else []
     return MappingKeys({name: secret.buffer for name in volume.key_names
-                        if (secret := held.get(name)) is not None})
+                        if (secret := held.keys.get(name)) is not None},
+                       next((uuid for uuid in signed if uuid), None),
+                       {name: [keyfile.buffer for keyfile in files] for name in volume.key_names
+                        if (files := held.keys.keyfiles_for(name))})
 
 
 def still_degraded(engine: VolumeEngine, volume: Volume) -> bool:

@@ -32,6 +32,10 @@ class KeyRejected(KeydError):
     exit_code = 6
 
 
+class WrongVolume(KeyRejected):
+    """The key opened a volume whose UUIDs are not the one its signed bundle names."""
+
+
 @dataclass(frozen=True)
 class Holder:
     """A process keeping a mount or device busy, and how (cwd, an open file...)."""

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from keyd.config.model import CryptLayer, Volume
 from keyd.engine.errors import DegradedRefused, Holder, KeyRejected, StorageError, VolumeBusy
+from keyd.engine.keys import KeyfileSource
 from keyd.engine.names import record_key
 from keyd.engine.observe import Observer
 from keyd.engine.observed import ObservedState
@@ -201,10 +202,14 @@ class Executor:
     def _open_crypt(self, volume: Volume, step: OpenCrypt, run: _Run) -> str:
         source = _resolve(step.source, run)
         key = self.keys.key(volume.name, step.layer.key, step.layer)
+        keyfiles = (self.keys.keyfiles(volume.name, step.layer.key)
+                    if isinstance(self.keys, KeyfileSource) else [])
         try:
-            device = self.storage.crypt.open(volume.name, step.layer, source, step.dm_name, key)
+            device = self.storage.crypt.open(volume.name, step.layer, source, step.dm_name, key,
+                                             keyfiles=keyfiles)
         finally:
-            key[:] = bytes(len(key))  # wipe our copy of the secret
+            for secret in (key, *keyfiles):
+                secret[:] = bytes(len(secret))  # wipe our copies of the secrets
         if step.layer.type == "plain":
             run.plain_opened.add(step.layer.name)
         return device

@@ -6,7 +6,7 @@ they are never logged, never put in argv, environment or files.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -117,19 +117,43 @@ class NoKeys:
         raise KeyRejected(f"no key source for {volume}/{name} in this operation")
 
 
+@runtime_checkable
+class KeyfileSource(Protocol):
+    """A key source that also has TrueCrypt/VeraCrypt keyfiles for some key names."""
+
+    def keyfiles(self, volume: str, name: str) -> list[bytearray]:
+        """The keyfiles of key name ``name`` (copies the executor wipes), maybe none."""
+        ...
+
+
+@runtime_checkable
+class SignedFor(Protocol):
+    """Keys from a signed bundle that names its volume's UUID (None: it names none)."""
+
+    volume_uuid: str | None
+
+
 @dataclass
 class MappingKeys:
-    """Keys already in memory by name (the daemon fills it from a verified stick bundle)."""
+    """Keys already in memory by name (the daemon fills it from a verified stick bundle);
+    ``volume_uuid`` is the UUID the bundle was signed for, checked once the volume is open."""
 
     keys: Mapping[str, bytes | bytearray]
+    volume_uuid: str | None = None
+    keyfiles_by_name: Mapping[str, Sequence[bytes | bytearray]] = field(default_factory=dict)
 
     def has(self, name: str) -> bool:
-        """See KeyInventory."""
-        return name in self.keys
+        """See KeyInventory (keyfiles alone are a key: a keyfile-only TrueCrypt volume)."""
+        return name in self.keys or bool(self.keyfiles_by_name.get(name))
 
     def key(self, volume: str, name: str, layer: CryptLayer) -> bytearray:
-        """See KeySource; a copy, so the executor's wipe leaves the caller's buffer alone."""
-        if name not in self.keys:
+        """See KeySource; a copy, so the executor's wipe leaves the caller's buffer alone.
+        A name with keyfiles only has the empty passphrase."""
+        if name not in self.keys and not self.has(name):
             raise KeyRejected(f"the key bundle has no key {name!r} for volume {volume}",
                               fix=f"enroll a bundle that contains {name!r}")
-        return bytearray(self.keys[name])
+        return bytearray(self.keys.get(name, b""))
+
+    def keyfiles(self, volume: str, name: str) -> list[bytearray]:
+        """See KeyfileSource."""
+        return [bytearray(data) for data in self.keyfiles_by_name.get(name, ())]

@@ -19,8 +19,9 @@ class CryptPort(Protocol):
     """Opens and closes dm-crypt mappings."""
 
     def open(self, volume: str, layer: CryptLayer, device: str, dm_name: str,
-             key: bytes | bytearray) -> str:
-        """Open ``device`` as ``dm_name`` with ``key``; return the mapped device path."""
+             key: bytes | bytearray, *, keyfiles: Sequence[bytes | bytearray] = ()) -> str:
+        """Open ``device`` as ``dm_name`` with ``key`` (and TrueCrypt/VeraCrypt
+        ``keyfiles``); return the mapped device path."""
         ...
 
     def close(self, dm_name: str) -> None:

@@ -12,8 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from keyd.config.model import CryptLayer, Volume
+from keyd.engine.errors import WrongVolume
 from keyd.engine.executor import Executor, KeySource, Progress, QuietProgress
-from keyd.engine.keys import KeyInventory, NoKeys
+from keyd.engine.keys import KeyInventory, NoKeys, SignedFor
 from keyd.engine.lockfile import DEFAULT_RUN_DIR, VolumeLock
 from keyd.engine.observe import Observer
 from keyd.engine.observed import ObservedState
@@ -21,6 +22,7 @@ from keyd.engine.plan import Plan, mend_only, plan_lock, plan_unlock
 from keyd.engine.pool_records import PoolRecords
 from keyd.engine.ports import HolderPort, ServicePort, Storage
 from keyd.engine.status import VolumeReport, report
+from keyd.engine.volume_uuid import wrong_volume
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,22 @@ class Engine:
         with VolumeLock(self.run_dir, volume.name, timeout=self.lock_timeout):
             plan = plan_unlock(volume, self.observe([volume]), _available(volume, keys))
             outcome = self._run(volume, plan, keys)
+            if outcome.changed and isinstance(keys, SignedFor) and keys.volume_uuid:
+                self._check_volume(volume, keys.volume_uuid)
             if start_services:
                 self.services.start(volume.services)
         return outcome
+
+    def _check_volume(self, volume: Volume, claimed: str) -> None:
+        """Close the volume again, before anything uses it, if it is not the one the key's
+        bundle was signed for."""
+        observed = self.observe([volume], members=False)
+        why = wrong_volume(claimed, volume, observed)
+        if why is None:
+            return
+        self._executor(NoKeys()).lock(volume, plan_lock(volume, observed), observed)
+        raise WrongVolume(f"{why}: closed it again", fix="use the stick made for this volume, "
+                          "or re-enroll its bundle (keydctl enroll --device)")
 
     def mend(self, volume: Volume, keys: KeySource) -> Outcome:
         """Bring back the sides an open, degraded volume lacks whose disks are here now

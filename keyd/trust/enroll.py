@@ -146,7 +146,23 @@ class Enroller:
         stored = {name: self._stored(request, secret) for name, secret in keys.items()}
         entry = new_entry(request, stored, generation)
         files = {secret.file: stored[secret.name] for secret in entry.secrets}
+        keyfiles = self._keyfiles(request, keys)
+        files.update({record.file: data for record, data in keyfiles})
+        entry = replace(entry, secrets=entry.secrets + tuple(record for record, _ in keyfiles))
         return self.write(request, entry, files, existing, now)
+
+    def _keyfiles(self, request: EnrollRequest, keys: KeySet) -> list[tuple[KeyFile, bytes]]:
+        """The TrueCrypt/VeraCrypt keyfiles of ``keys``, as stored, with their records."""
+        encrypted = request.encrypt_to is not None
+        records = []
+        for name, keyfiles in keys.keyfile_items():
+            stem = f"{request.volume}.{name}" if name else request.volume
+            for number, keyfile in enumerate(keyfiles, 1):
+                data = self._stored(request, keyfile)
+                file = f"{stem}.keyfile{number}" + (".gpg" if encrypted else "")
+                records.append((KeyFile(file, hashlib.sha256(data).hexdigest(), encrypted, name,
+                                        "keyfile"), data))
+        return records
 
     def enroll_shares(self, requests: Sequence[EnrollRequest], keys: KeySet, threshold: int,
                       now: datetime, last_accepted: int | None = None) -> list[KeyEntry]:

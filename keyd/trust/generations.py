@@ -34,6 +34,21 @@ class GenerationStore:
             raise self._error(f"cannot read it: {exc.strerror}") from None
         return self._parse(data)
 
+    def check_writable(self) -> None:
+        """Prove a generation could be recorded now (write, fsync and remove a probe file);
+        TrustStateError naming the directory and the fix if not (read-only, full, missing)."""
+        probe = self.path.parent / ".keyd-write-probe"
+        try:
+            write_atomic(probe, b"\n", mode=0o600)
+            probe.unlink()
+        except OSError as exc:
+            raise TrustStateError(
+                Reason.STATE_ERROR, f"cannot record accepted generations in {self.path.parent}: "
+                f"{exc.strerror or exc}", subject=str(self.path.parent),
+                fix=f"make {self.path.parent} a writable directory for root (keydctl doctor "
+                    "checks it); keyd refuses stick keys until then, so that a retired stick "
+                    "is never accepted again") from None
+
     def last(self, volume: str) -> int | None:
         """The last accepted generation of ``volume``, or None if it was never unlocked."""
         return self.load().get(volume)

@@ -44,7 +44,8 @@ _TOP = frozenset({"format", "created", "key", "revoke"})
 _COMMON = frozenset({"volume", "volume_uuid", "bundle_id", "generation", "not_before",
                      "not_after", "bind_serial", "bind_fs_uuid"})
 _FILE = frozenset({"file", "sha256", "encrypted"})
-_SECRET = _FILE | {"name"}
+_SECRET = _FILE | {"name", "kind"}
+KINDS = ("key", "keyfile")
 _SHARE = _FILE | {"set", "index", "threshold", "count"}
 _ENTRY = {FORMAT: _COMMON | _FILE, NAMED_FORMAT: _COMMON | {"secret", "share"}}
 
@@ -53,13 +54,16 @@ _ENTRY = {FORMAT: _COMMON | _FILE, NAMED_FORMAT: _COMMON | {"secret", "share"}}
 class KeyFile:
     """One secret of a bundle: a file in ``keyd/`` and the key name it serves.
 
-    ``name`` None serves every key name of the volume the entry does not list.
+    ``name`` None serves every key name of the volume the entry does not list. ``kind``
+    "key" is the key (passphrase or key file bytes); "keyfile" is a TrueCrypt/VeraCrypt
+    keyfile, given to cryptsetup besides the passphrase (a layer may have several).
     """
 
     file: str
     sha256: str
     encrypted: bool = False
     name: str | None = None
+    kind: str = "key"
 
 
 @dataclass(frozen=True)
@@ -91,8 +95,8 @@ class KeyEntry:
     @property
     def named(self) -> bool:
         """True when the entry needs format 2 (a named secret, more than one, or a share)."""
-        return (len(self.secrets) > 1 or any(s.name is not None for s in self.secrets)
-                or self.share is not None)
+        return (len(self.secrets) > 1 or self.share is not None
+                or any(s.name is not None or s.kind != "key" for s in self.secrets))
 
     @property
     def files(self) -> tuple[KeyFile, ...]:
@@ -225,15 +229,19 @@ def _secrets(value: Any, where: str) -> tuple[KeyFile, ...]:
     if len(value) > MAX_SECRETS:
         raise _bad(where, f"has more than {MAX_SECRETS} secrets")
     secrets = tuple(_named_file(item, f"{where}[{index}]") for index, item in enumerate(value))
-    _unique(where, "name", [secret.name or "(every other key name)" for secret in secrets])
+    _unique(where, "name", [secret.name or "(every other key name)" for secret in secrets
+                             if secret.kind == "key"])
     return secrets
 
 
 def _named_file(value: Any, where: str) -> KeyFile:
-    item = _table(value, where, _SECRET, "a secret field (name, file, sha256, encrypted)")
+    item = _table(value, where, _SECRET, "a secret field (name, kind, file, sha256, encrypted)")
     secret = _key_file(item, where)
     name = _optional_match(item, "name", where, _NAME)
-    return KeyFile(secret.file, secret.sha256, secret.encrypted, name)
+    kind = item.get("kind", "key")
+    if kind not in KINDS:
+        raise _bad(f"{where}.kind", f"must be one of {', '.join(KINDS)}")
+    return KeyFile(secret.file, secret.sha256, secret.encrypted, name, kind)
 
 
 def _key_file(item: dict[str, Any], where: str) -> KeyFile:
@@ -350,5 +358,6 @@ def _share_items(share: ShareFile) -> list[tuple[str, Any]]:
 
 
 def _file_items(secret: KeyFile) -> list[tuple[str, Any]]:
-    return [("name", secret.name), ("file", secret.file), ("sha256", secret.sha256),
-            ("encrypted", secret.encrypted)]
+    kind = secret.kind if secret.kind != "key" else None
+    return [("name", secret.name), ("kind", kind), ("file", secret.file),
+            ("sha256", secret.sha256), ("encrypted", secret.encrypted)]

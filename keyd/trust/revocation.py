@@ -129,9 +129,23 @@ def load_revocations(path: Path) -> Revocations:
 
 
 def save_revocations(path: Path, revoked: Revocations) -> None:
-    """Write a revocation file atomically (mode 0644: it holds no secrets)."""
+    """Write a revocation file atomically (mode 0644: it holds no secrets).
+
+    A file keyd could not read back would refuse every stick, so one past the caps is
+    never written: the old file stays and TrustStateError says what to prune.
+    """
+    data = render_revocations(revoked)
+    largest = max(_FIELDS, key=lambda name: len(getattr(revoked, name)))
+    count = len(getattr(revoked, largest))
+    if count > MAX_FILE_ENTRIES or len(data) > MAX_FILE_BYTES:
+        raise TrustStateError(
+            Reason.STATE_ERROR, f"{path} would hold {count} {largest} ({len(data)} bytes), more "
+            f"than keyd reads ({MAX_FILE_ENTRIES} per list, {MAX_FILE_BYTES} bytes); it is left "
+            "as it was", subject=str(path),
+            fix=f"prune {path}: bundle ids of re-keyed bundles are refused by their generation "
+                "anyway, serials of destroyed sticks no longer matter")
     try:
-        write_atomic(path, render_revocations(revoked), mode=0o644)
+        write_atomic(path, data, mode=0o644)
     except OSError as exc:
         raise TrustStateError(Reason.STATE_ERROR, f"cannot write {path}: {exc.strerror}",
                               subject=str(path)) from None

@@ -67,13 +67,16 @@ class KeySet(WipeOnExit):
     """Secrets by key name (a crypt layer's ``key``); the one under None serves every other name.
 
     A format 1 bundle, one ``--key-file`` or one passphrase is a set with only that
-    default; a format 2 bundle names a secret per layer.
+    default; a format 2 bundle names a secret per layer, and may add TrueCrypt/VeraCrypt
+    keyfiles per name (``keyfiles``), which cryptsetup takes besides the passphrase.
     """
 
-    __slots__ = ("_secrets",)
+    __slots__ = ("_keyfiles", "_secrets")
 
-    def __init__(self, secrets: Mapping[str | None, SecretBytes]) -> None:
+    def __init__(self, secrets: Mapping[str | None, SecretBytes],
+                 keyfiles: Mapping[str | None, list[SecretBytes]] | None = None) -> None:
         self._secrets = dict(secrets)
+        self._keyfiles = {name: list(files) for name, files in (keyfiles or {}).items()}
 
     @classmethod
     def single(cls, secret: SecretBytes) -> KeySet:
@@ -84,23 +87,37 @@ class KeySet(WipeOnExit):
         """The secret for key name ``name``: its own, else the default, else None."""
         return self._secrets.get(name, self._secrets.get(None))
 
+    def keyfiles_for(self, name: str) -> list[SecretBytes]:
+        """The keyfiles for key name ``name``: its own, else the default ones."""
+        return self._keyfiles.get(name, self._keyfiles.get(None, []))
+
     @property
     def names(self) -> frozenset[str]:
-        """The key names given a secret of their own."""
-        return frozenset(name for name in self._secrets if name is not None)
+        """The key names given a secret or keyfiles of their own."""
+        return frozenset(name for name in (*self._secrets, *self._keyfiles) if name is not None)
 
     def items(self) -> list[tuple[str | None, SecretBytes]]:
         """(name, secret) pairs, the default (None) first, then by name."""
         return sorted(self._secrets.items(), key=lambda item: (item[0] is not None, item[0] or ""))
 
+    def keyfile_items(self) -> list[tuple[str | None, list[SecretBytes]]]:
+        """(name, keyfiles) pairs, in the order of :meth:`items`."""
+        return sorted(self._keyfiles.items(),
+                      key=lambda item: (item[0] is not None, item[0] or ""))
+
     def copy(self) -> KeySet:
         """Separate buffers with the same bytes (wiping one set leaves the other)."""
-        return KeySet({name: SecretBytes(secret.buffer) for name, secret in self._secrets.items()})
+        return KeySet({name: SecretBytes(secret.buffer) for name, secret in self._secrets.items()},
+                      {name: [SecretBytes(f.buffer) for f in files]
+                       for name, files in self._keyfiles.items()})
 
     def wipe(self) -> None:
-        """Zero every secret."""
+        """Zero every secret and keyfile."""
         for secret in self._secrets.values():
             secret.wipe()
+        for files in self._keyfiles.values():
+            for keyfile in files:
+                keyfile.wipe()
 
     def __repr__(self) -> str:
         names = ", ".join(sorted(self.names)) or "-"

@@ -191,14 +191,27 @@ class Verifier:
             files = check_entry(entry, raw, checks)
             if entry.share is not None:
                 return self._share(entry, entry.share, files)
-            opened: dict[str | None, SecretBytes] = {}
-            for secret, data in zip(entry.secrets, files, strict=True):
-                opened[secret.name] = self._plaintext(entry, secret, data)
+            keys = self._keys(entry, files)
         except TrustError as exc:
             return Verdict(entry, exc.reason, exc.message)
         return Verdict(entry, None, f"volume {entry.volume}: accepted (generation "
-                       f"{entry.generation}, bundle {entry.bundle_id}{_named(entry)})",
-                       KeySet(opened))
+                       f"{entry.generation}, bundle {entry.bundle_id}{_named(entry)})", keys)
+
+    def _keys(self, entry: KeyEntry, files: list[bytearray]) -> KeySet:
+        """The entry's secrets and keyfiles, decrypted where stored encrypted."""
+        opened: dict[str | None, SecretBytes] = {}
+        keyfiles: dict[str | None, list[SecretBytes]] = {}
+        try:
+            for secret, data in zip(entry.secrets, files, strict=True):
+                plain = self._plaintext(entry, secret, data)
+                if secret.kind == "keyfile":
+                    keyfiles.setdefault(secret.name, []).append(plain)
+                else:
+                    opened[secret.name] = plain
+        except TrustError:
+            KeySet(opened, keyfiles).wipe()
+            raise
+        return KeySet(opened, keyfiles)
 
     def _share(self, entry: KeyEntry, share: ShareFile, files: list[bytearray]) -> Verdict:
         sealed = {secret.name: bytes(data) for secret, data in zip(entry.secrets, files,
@@ -224,7 +237,20 @@ def _named(entry: KeyEntry) -> str:
 
 def refused(error: TrustError) -> StickReport:
     """The report for a stick refused as a whole."""
-    return StickReport(error.reason, error.message)
+    return StickReport(error.reason, error.message + (f"; fix: {error.fix}" if error.fix else ""))
+
+
+def recordable(report: StickReport, settings: TrustSettings) -> StickReport:
+    """``report``, or a refusal (its keys wiped) when keyd could not record what using its
+    keys teaches: the replay guard would stop advancing, so keyd fails closed."""
+    if not report.accepted:
+        return report
+    try:
+        GenerationStore(settings.state_path).check_writable()
+    except TrustError as exc:
+        report.wipe()
+        return refused(exc)
+    return report
 
 
 def verify_directory(root: Path, verifier: Verifier, stick: StickIdentity, state: TrustState,
@@ -250,9 +276,10 @@ def commit(report: StickReport, settings: TrustSettings) -> None:
     """Remember what an authentic manifest says: accepted generations and its revocations."""
     if report.manifest is None:
         return
+    # Generations first: the replay guard must advance even if the revocations cannot grow.
+    GenerationStore(settings.state_path).record(
+        {v.entry.volume: v.entry.generation for v in report.accepted})
     learned_path = settings.state_path / LEARNED_REVOCATIONS
     learned = load_revocations(learned_path)
     if not learned.covers(report.manifest.revocations):
         save_revocations(learned_path, learned.union(report.manifest.revocations))
-    GenerationStore(settings.state_path).record(
-        {v.entry.volume: v.entry.generation for v in report.accepted})

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +166,29 @@ def test_close_succeeds_once_udev_lets_go() -> None:
     sleeps: list[float] = []
     Cryptsetup(runner, Retry(sleep=sleeps.append)).close("keyd-t-c")
     assert len(runner.calls) == 3 and len(sleeps) == 2
+
+
+def test_truecrypt_keyfiles_go_as_key_file_paths_and_the_passphrase_may_be_empty() -> None:
+    command = open_command("v", TCRYPT, "/dev/sdc", "n", b"", keyfile_paths=["/proc/1/fd/7",
+                                                                             "/proc/1/fd/8"])
+    assert command.argv[-6:] == ("--key-file", "/proc/1/fd/7", "--key-file", "/proc/1/fd/8",
+                                 "/dev/sdc", "n")
+    assert command.stdin == b"\n"
+    with pytest.raises(KeyRejected, match="a luks layer"):
+        open_command("v", LUKS, "/dev/sdb", "n", b"pw", keyfile_paths=["/proc/1/fd/7"])
+
+
+def test_keyfiles_reach_cryptsetup_as_in_memory_files_only_while_it_runs() -> None:
+    seen: list[bytes] = []
+
+    def read_keyfiles(argv: Sequence[str]) -> Reply:
+        paths = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--key-file"]
+        seen.extend(Path(path).read_bytes() for path in paths)
+        assert all(os.readlink(path).startswith("/memfd:") for path in paths)
+        return Reply()
+
+    runner = ScriptedRunner().on("cryptsetup", "open", reply=read_keyfiles)
+    Cryptsetup(runner).open("v", TCRYPT, "/dev/sdc", "n", b"pw", keyfiles=[b"kf one", b"kf two"])
+    assert seen == [b"kf one", b"kf two"]
+    assert runner.calls[0].secret == b"pw\n"
+    assert b"kf one" not in b" ".join(arg.encode() for arg in runner.calls[0].argv)

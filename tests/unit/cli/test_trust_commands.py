@@ -365,3 +365,23 @@ def test_each_share_stick_needs_its_own_output_and_binding(
     assert "--bind-serial is given 4 times for 3 stick(s)" in capsys.readouterr().err
     assert cli.enroll("vault", "--shares", "2", "--threshold", "2") == 2
     assert "give --output 2 times" in capsys.readouterr().err
+
+
+def test_truecrypt_keyfiles_are_enrolled_beside_the_passphrase(
+        cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    for name, data in (("pass", b"tc passphrase\n"), ("kf1", b"\x00keyfile one"),
+                       ("kf2", b"keyfile two")):
+        (cli.tmp / name).write_bytes(data)
+    assert cli.enroll("media", "--key-file", f"tc={cli.tmp / 'pass'}",
+                      "--tcrypt-keyfile", f"tc={cli.tmp / 'kf1'}",
+                      "--tcrypt-keyfile", f"tc={cli.tmp / 'kf2'}") == 0
+    keyd = cli.stick / "keyd"
+    assert (keyd / "media.tc.keyfile1").read_bytes() == b"\x00keyfile one"
+    assert (keyd / "media.tc.keyfile2").read_bytes() == b"keyfile two"
+    assert b'kind = "keyfile"' in (keyd / "manifest").read_bytes()
+    code, document = cli.verify("--serial", SERIAL, capsys=capsys)
+    assert code == 0 and document["volumes"][0]["key_names"] == ["tc"]
+    assert document["volumes"][0]["keyfiles"] == 2
+    capsys.readouterr()
+    assert enroll_shares(cli, "--tcrypt-keyfile", str(cli.tmp / "kf1")) == 2
+    assert "k-of-n sticks seal keys, not TrueCrypt keyfiles" in capsys.readouterr().err

@@ -67,7 +67,7 @@ class FakeStack:
         raise AssertionError("not used")
 
     def open(self, volume: str, layer: CryptLayer, device: str, dm_name: str,
-             key: bytes | bytearray) -> str:
+             key: bytes | bytearray, *, keyfiles: Sequence[bytes | bytearray] = ()) -> str:
         if bytes(key).rstrip(b"\n") != self.right_key:
             raise KeyRejected(f"wrong key for volume {volume} (cryptsetup exit 2)")
         self.log.append("open")

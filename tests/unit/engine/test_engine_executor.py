@@ -58,7 +58,7 @@ class FakeKernel:
         self.events.append(event)
 
     def open(self, volume: str, layer: CryptLayer, device: str, dm_name: str,
-             key: bytes | bytearray) -> str:
+             key: bytes | bytearray, *, keyfiles: Sequence[bytes | bytearray] = ()) -> str:
         self.keys_seen.append(bytes(key))
         self._do(f"open {dm_name} on {device}")
         return f"/dev/mapper/{dm_name}"

@@ -20,12 +20,14 @@ from keyd.adapters.retry import Retry
 from keyd.adapters.system import ProcHolders, Systemctl
 from keyd.config import Volume, parse_config
 from keyd.config.layers import md_uuid
-from keyd.engine.errors import KeyRejected, VolumeBusy
+from keyd.engine.errors import KeyRejected, VolumeBusy, WrongVolume
 from keyd.engine.keys import MappingKeys
 from keyd.engine.observe import KernelObserver, swap_uuid_words
+from keyd.engine.observed import DmMapping, ObservedState
 from keyd.engine.ports import Storage
 from keyd.engine.service import Engine
 from keyd.engine.status import render_table
+from keyd.engine.volume_uuid import luks_uuid, volume_uuids
 from keyd.runner import DEFAULT_TIMEOUT, Completed
 from tests import configs
 from tests.support.scripted_runner import Reply, ScriptedRunner
@@ -188,3 +190,24 @@ def test_busy_mount_blocks_lock_with_the_pid(world: World) -> None:
     with pytest.raises(VolumeBusy, match=r"4242 \(bash\): cwd in /srv/nas/photos"):
         engine.lock(volume)
     assert engine.status([volume])[0].state == "unlocked"
+
+
+def test_a_key_signed_for_another_volume_uuid_is_closed_again(world: World) -> None:
+    tree, engine, volume = world
+    other = "0c5c6d83-311e-495d-8b14-84576dd84ca9"
+    with pytest.raises(WrongVolume, match=f"for the volume with UUID {other}, and volume nas "
+                                          f"has {UUID}: closed it again"):
+        engine.unlock(volume, MappingKeys({"luks": b"right key"}, volume_uuid=other))
+    assert engine.status([volume])[0].state == "locked"
+    assert not (tree.root / "sys/class/block/dm-0").exists()
+    dashed = f"{UUID[:8]}-{UUID[8:12]}-{UUID[12:16]}-{UUID[16:20]}-{UUID[20:]}".upper()
+    assert engine.unlock(volume, MappingKeys({"luks": b"right key"}, volume_uuid=dashed)).changed
+
+
+def test_the_luks_header_uuid_counts_as_the_volumes(world: World) -> None:
+    _, _, volume = world
+    header = "0c5c6d83311e495d8b1484576dd84ca9"
+    mapping = DmMapping("dm-3", "keyd-nas-luks", f"CRYPT-LUKS1-{header}-keyd-nas-luks")
+    stranger = DmMapping("dm-4", "other", "CRYPT-LUKS2-" + "f" * 32 + "-other")
+    assert volume_uuids(volume, ObservedState(dm=(mapping, stranger))) == {header, UUID}
+    assert luks_uuid("CRYPT-PLAIN-keyd-nas-luks") is None

@@ -216,7 +216,7 @@ class FakeZfsKernel:
         self.events.append(event)
 
     def open(self, volume: str, layer: CryptLayer, device: str, dm_name: str,
-             key: bytes | bytearray) -> str:
+             key: bytes | bytearray, *, keyfiles: Sequence[bytes | bytearray] = ()) -> str:
         self._do(f"open {dm_name}")
         return f"/dev/mapper/{dm_name}"
 

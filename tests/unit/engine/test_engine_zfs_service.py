@@ -68,7 +68,7 @@ class Kernel:
         return self.state
 
     def open(self, volume: str, layer: CryptLayer, device: str, dm_name: str,
-             key: bytes | bytearray) -> str:
+             key: bytes | bytearray, *, keyfiles: Sequence[bytes | bytearray] = ()) -> str:
         self.events.append(f"open {dm_name}")
         return f"/dev/mapper/{dm_name}"
 

@@ -248,7 +248,7 @@ def test_a_format_2_bundle_that_fits_format_1_is_written_as_format_1() -> None:
     ('name = "k2"', 'name = "k1"', "name 'k1' appears more than once"),
     ('file = "secret.k2.key"', 'file = "secret.k1.key"', "file 'secret.k1.key' appears"),
     ('name = "k2"\n', "", None),  # one unnamed secret beside a named one: allowed
-    ('name = "k1"\n', 'name = "k1"\nkind = "keyfile"\n', "kind"),
+    ('name = "k1"\n', 'name = "k1"\nkind = "pem"\n', "must be one of key, keyfile"),
     (NAMED[NAMED.index("[[key.secret]]"):], "", "needs at least one [[key.secret]] table"),
     ('bind_serial = "4C5300012303"', 'bind_serial = "4C5300012303"\nfile = "x.key"',
      "is not a key-entry field of format 2"),

@@ -11,8 +11,9 @@ import pytest
 
 from keyd.cli.enroll_command import read_capped_secret
 from keyd.errors import KeydError
+from keyd.memfd import memfd_path
 from keyd.runner import DEFAULT_TIMEOUT, Completed
-from keyd.trust.luks import add_keyslot, memfd_path
+from keyd.trust.luks import add_keyslot
 from keyd.trust.secret import SecretBytes
 
 KEY = b"\x10super secret key\x00"
@@ -36,10 +37,10 @@ def test_adopt_takes_the_callers_buffer_without_copying() -> None:
 
 
 def test_memfd_path_serves_the_key_only_while_open() -> None:
-    with SecretBytes(KEY) as secret, memfd_path(secret) as path:
+    with SecretBytes(KEY) as secret, memfd_path(secret.buffer) as path:
         assert path.startswith(f"/proc/{os.getpid()}/fd/")
         assert Path(path).read_bytes() == KEY
-        assert os.readlink(path).startswith("/memfd:keyd-new-key")
+        assert os.readlink(path).startswith("/memfd:keyd-secret")
     assert not Path(path).exists()
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from keyd.trust.errors import ManifestError, Reason, TrustStateError
 from keyd.trust.generations import GenerationStore
 from keyd.trust.revocation import (
+    MAX_FILE_ENTRIES,
     Revocations,
     load_revocations,
     parse_revocations,
@@ -33,6 +34,17 @@ def test_learned_revocations_past_the_manifest_cap_still_load(tmp_path: Path) ->
     many = Revocations(frozenset(f"bundle-{n}" for n in range(5000)))
     save_revocations(tmp_path / "learned.toml", many)
     assert load_revocations(tmp_path / "learned.toml") == many
+
+
+def test_a_revocation_file_keyd_could_not_read_back_is_never_written(tmp_path: Path) -> None:
+    path = tmp_path / "revoked.toml"
+    save_revocations(path, Revocations(serials=frozenset({"LOST1"})))
+    too_many = Revocations(frozenset(f"b-{n}" for n in range(MAX_FILE_ENTRIES + 1)))
+    with pytest.raises(TrustStateError) as caught:
+        save_revocations(path, too_many)
+    assert f"would hold {MAX_FILE_ENTRIES + 1} bundle_ids" in caught.value.message
+    assert caught.value.fix is not None and f"prune {path}" in caught.value.fix
+    assert load_revocations(path) == Revocations(serials=frozenset({"LOST1"}))  # left as it was
 
 
 def test_revocation_file_round_trips(tmp_path: Path) -> None:
