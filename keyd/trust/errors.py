@@ -55,6 +55,7 @@ class Reason(enum.StrEnum):
     # keyd's own state.
     STATE_ERROR = "STATE_ERROR"
     UNSAFE_GNUPGHOME = "UNSAFE_GNUPGHOME"
+    UNSAFE_REVOCATIONS = "UNSAFE_REVOCATIONS"
 
 
 class TrustError(KeydError):

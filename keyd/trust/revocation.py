@@ -9,7 +9,9 @@ is their union. Parsing is pure; loading and saving are thin adapters.
 from __future__ import annotations
 
 import errno
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +117,7 @@ def load_revocations(path: Path) -> Revocations:
     """Read a revocation file; a missing file means nothing is revoked."""
     try:
         with path.open("rb") as stream:
+            _check_safe(path, os.fstat(stream.fileno()))
             data = stream.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         return Revocations()
@@ -126,6 +129,18 @@ def load_revocations(path: Path) -> Revocations:
         raise TrustStateError(Reason.STATE_ERROR, f"{path} is larger than {MAX_FILE_BYTES} bytes",
                               subject=str(path))
     return parse_revocations(data, str(path))
+
+
+def _check_safe(path: Path, info: os.stat_result) -> None:
+    """Refuse a revocation file (or its directory) that someone else could change: they
+    could take a lost stick off the list."""
+    me = os.geteuid()
+    for where, what in ((path, info), (path.parent, path.parent.stat())):
+        if what.st_uid != me or what.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise TrustStateError(
+                Reason.UNSAFE_REVOCATIONS, f"{where} is owned by uid {what.st_uid} with mode "
+                f"{stat.filemode(what.st_mode)}: someone besides keyd's user could un-revoke a "
+                "stick", subject=str(where), fix=f"chown {me} {where} && chmod go-w {where}")
 
 
 def save_revocations(path: Path, revoked: Revocations) -> None:

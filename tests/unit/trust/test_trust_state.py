@@ -104,3 +104,15 @@ def test_generation_file_is_plain_json(tmp_path: Path) -> None:
     GenerationStore(tmp_path).record({"tank": 7})
     assert json.loads((tmp_path / "generations.json").read_text()) == {
         "format": 1, "volumes": {"tank": 7}}
+
+
+@pytest.mark.parametrize("unsafe", ["file", "directory"])
+def test_a_revocation_file_others_could_change_is_refused(tmp_path: Path, unsafe: str) -> None:
+    path = tmp_path / "etc" / "revoked.toml"
+    save_revocations(path, Revocations(serials=frozenset({"LOST1"})))
+    target = path if unsafe == "file" else path.parent
+    target.chmod(target.stat().st_mode | 0o020)  # group-writable
+    with pytest.raises(TrustStateError) as caught:
+        load_revocations(path)
+    assert caught.value.reason is Reason.UNSAFE_REVOCATIONS
+    assert str(target) in caught.value.message and f"chmod go-w {target}" in (caught.value.fix or "")
