@@ -170,9 +170,11 @@ def _stick_count(args: argparse.Namespace) -> int:
 
 def _backup(args: argparse.Namespace, settings: TrustSettings, request: EnrollRequest,
             now: datetime, out: TextIO) -> int:
-    given = [option for option, value in (("--key-file", args.key_file), ("--key-name",
-             args.key_name), ("--generate", args.generate), ("--generation", args.generation),
-             ("--device", args.device), ("--encrypt-to", args.encrypt_to)) if value]
+    given = [option for option, value in (
+        ("--key-file", args.key_file), ("--key-name", args.key_name),
+        ("--tcrypt-keyfile", args.tcrypt_keyfile), ("--generate", args.generate),
+        ("--generation", args.generation), ("--device", args.device),
+        ("--encrypt-to", args.encrypt_to)) if value]
     if given:
         raise UsageError(f"--backup-of copies the primary's keys and generation; {given[0]} "
                          "does not go with it", fix=f"leave out {', '.join(given)}")

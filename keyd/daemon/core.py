@@ -317,7 +317,7 @@ class Daemon:
         except TrustError as exc:
             self.audit(entry.volume, A.SHARES_COMBINED, exc.message, result="rejected",
                        reason=exc.reason.value, serial=stick.key, bundle_id=entry.bundle_id)
-            self.dispatch(entry.volume, ev.SharesHeld(0, split.threshold))
+            self._shares_held(entry.volume)
             return False
         self.audit(entry.volume, A.SHARE_ACCEPTED, verdict.message, result="accepted",
                    reason=f"{progress.have} of {split.threshold}", serial=stick.key,
@@ -339,8 +339,12 @@ class Daemon:
         if gone:
             self.audit(volume, A.SHARES_EXPIRED, f"{gone} share(s) zeroed unused after "
                        f"{timeout:g} s", result="expired")
-            have, need = self.shares.waiting(volume) or (0, 0)
-            self.dispatch(volume, ev.SharesHeld(have, need))
+            self._shares_held(volume)
+
+    def _shares_held(self, volume: str) -> None:
+        """Tell the volume's facts how many shares keyd still holds for it."""
+        have, need = self.shares.waiting(volume) or (0, 0)
+        self.dispatch(volume, ev.SharesHeld(have, need))
 
     def _stick_failed(self, key: str) -> None:
         self.backoff = self.backoff.failed(key, self.loop.now())
