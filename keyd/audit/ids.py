@@ -38,6 +38,7 @@ class AuditEvent(enum.StrEnum):
     SHARE_ACCEPTED = "share-accepted"
     SHARES_COMBINED = "shares-combined"
     SHARES_EXPIRED = "shares-expired"
+    REVOCATIONS_NEAR_CAP = "revocations-near-cap"
 
 
 MESSAGE_IDS: dict[AuditEvent, str] = {
@@ -66,6 +67,7 @@ MESSAGE_IDS: dict[AuditEvent, str] = {
     AuditEvent.SHARE_ACCEPTED: "4279542f70644d619b710a2248121e70",
     AuditEvent.SHARES_COMBINED: "46ba25194e8d4d9ea7bb8527b6e4abaa",
     AuditEvent.SHARES_EXPIRED: "7d932a10b4e64a7ca079a11a512a1953",
+    AuditEvent.REVOCATIONS_NEAR_CAP: "d44c826b44604cd6820d6a5f9de5c55f",
 }
 
 EVENT_BY_ID: dict[str, AuditEvent] = {value: key for key, value in MESSAGE_IDS.items()}

@@ -19,7 +19,13 @@ from keyd.errors import ConfigError, KeydError
 from keyd.fingerprint import normalize_fingerprint
 from keyd.trust.gpg import GnuPG
 from keyd.trust.report import StickReport
-from keyd.trust.revocation import Revocations, load_revocations, save_revocations, valid_token
+from keyd.trust.revocation import (
+    Revocations,
+    load_revocations,
+    near_cap,
+    save_revocations,
+    valid_token,
+)
 from keyd.trust.settings import DEFAULT_STATE_DIR
 from keyd.trust.verify import (
     StickIdentity,
@@ -87,7 +93,7 @@ def verify_main(args: argparse.Namespace, out: TextIO) -> int:
                           settings.limits) as report:
         out.write(render_json(report) if args.json else render_text(report))
         if args.record:
-            commit(report, settings)
+            _warn(commit(report, settings))
         return 0 if report.accepted else EXIT_REJECTED
 
 
@@ -128,11 +134,18 @@ def revoke_main(args: argparse.Namespace, out: TextIO) -> int:
     if not added:
         raise KeydError("nothing to revoke", fix="give a BUNDLE_ID, --serial S or --signer FPR")
     path = Path(settings.revocations_file)
-    save_revocations(path, load_revocations(path).union(added))
+    revoked = load_revocations(path).union(added)
+    save_revocations(path, revoked)
+    _warn(near_cap(path, revoked))
     out.write(f"revoked in {path}: " + ", ".join(sorted(
         [*added.bundle_ids, *(f"serial {s}" for s in added.serials),
          *(f"signer {s}" for s in added.signers)])) + "\n")
     return 0
+
+
+def _warn(warning: str | None) -> None:
+    if warning is not None:
+        print(f"keydctl: warning: {warning}", file=sys.stderr)
 
 
 def _fingerprint(text: str, option: str) -> str:

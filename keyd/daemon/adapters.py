@@ -60,10 +60,10 @@ class TrustChecker:
         except TrustError as exc:
             return refused(exc)
 
-    def commit(self, report: StickReport) -> None:
+    def commit(self, report: StickReport) -> str | None:
         """See StickChecker.commit."""
         from keyd.trust.verify import commit  # noqa: PLC0415 (see the class docstring)
-        commit(report, self.settings)
+        return commit(report, self.settings)
 
 
 class AskPassword:

@@ -59,7 +59,8 @@ TIMER_EVENTS: dict[ef.Timer, ev.Event] = {
     ef.Timer.GRACE: ev.GraceExpired(), ef.Timer.KEY: ev.KeyTimeout(),
     ef.Timer.MEMBERS: ev.MembersTimeout(), ef.Timer.LOCK_RETRY: ev.LockRetry()}
 _WARN = {A.UNLOCK_FAILED, A.LOCK_BUSY, A.LOCK_FAILED, A.BUNDLE_REJECTED, A.BACKOFF, A.DEGRADED,
-         A.KEY_TIMEOUT, A.SERVICES_FAILED, A.DBUS_DENIED, A.STATE_NOT_SAVED}
+         A.KEY_TIMEOUT, A.SERVICES_FAILED, A.DBUS_DENIED, A.STATE_NOT_SAVED,
+         A.REVOCATIONS_NEAR_CAP, A.SHARES_EXPIRED}
 
 
 def target_unit(volume: str) -> str:
@@ -358,8 +359,7 @@ class Daemon:
         replay guard does not advance until it is fixed."""
         try:
             held = self.keys.get(ref)
-            if held.report is not None:
-                self.ports.sticks.commit(held.report)
+            warning = self.ports.sticks.commit(held.report) if held.report is not None else None
         except KeyError:
             return
         except KeydError as exc:
@@ -367,6 +367,9 @@ class Daemon:
                        f"generation and revocations (retired sticks are not refused until it "
                        f"is fixed): {user_message(exc)}", result="not-saved",
                        reason="STATE_ERROR")
+            return
+        if warning is not None:
+            self.audit(volume, A.REVOCATIONS_NEAR_CAP, warning, result="warning")
 
     # -- effects ---------------------------------------------------------------------------
 

@@ -82,8 +82,9 @@ class StickChecker(Protocol):
         """The verification report; stick-wide failures come back as a refusal report."""
         ...
 
-    def commit(self, report: StickReport) -> None:
-        """Remember what an accepted, used bundle teaches (generations, revocations)."""
+    def commit(self, report: StickReport) -> str | None:
+        """Remember what an accepted, used bundle teaches (generations, revocations); a
+        warning when the learned revocations near their cap."""
         ...
 
 

@@ -131,6 +131,16 @@ def load_revocations(path: Path) -> Revocations:
     return parse_revocations(data, str(path))
 
 
+def near_cap(path: Path, revoked: Revocations) -> str | None:
+    """A warning once a revocation file holds 90 % of what keyd reads back, else None."""
+    largest = max(_FIELDS, key=lambda name: len(getattr(revoked, name)))
+    count, size = len(getattr(revoked, largest)), len(render_revocations(revoked))
+    if count < MAX_FILE_ENTRIES * 9 // 10 and size < MAX_FILE_BYTES * 9 // 10:
+        return None
+    return (f"{path} holds {count} {largest} ({size} bytes) of at most {MAX_FILE_ENTRIES} "
+            f"({MAX_FILE_BYTES} bytes): prune it before keyd has to refuse to learn more")
+
+
 def _check_safe(path: Path, info: os.stat_result) -> None:
     """Refuse a revocation file (or its directory) that someone else could change: they
     could take a lost stick off the list."""

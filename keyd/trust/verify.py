@@ -34,7 +34,7 @@ from keyd.trust.manifest import (
     parse_manifest,
 )
 from keyd.trust.report import HeldShare, StickReport, Verdict
-from keyd.trust.revocation import Revocations, load_revocations, save_revocations
+from keyd.trust.revocation import Revocations, load_revocations, near_cap, save_revocations
 from keyd.trust.safe_read import RawBundle, read_bundle
 from keyd.trust.secret import KeySet, SecretBytes
 from keyd.trust.settings import Limits, TrustSettings
@@ -272,14 +272,19 @@ def load_state(settings: TrustSettings) -> TrustState:
     return TrustState(generations, revoked)
 
 
-def commit(report: StickReport, settings: TrustSettings) -> None:
-    """Remember what an authentic manifest says: accepted generations and its revocations."""
+def commit(report: StickReport, settings: TrustSettings) -> str | None:
+    """Remember what an authentic manifest says: accepted generations and its revocations.
+
+    Returns a warning when the learned revocations near what keyd reads back.
+    """
     if report.manifest is None:
-        return
+        return None
     # Generations first: the replay guard must advance even if the revocations cannot grow.
     GenerationStore(settings.state_path).record(
         {v.entry.volume: v.entry.generation for v in report.accepted})
     learned_path = settings.state_path / LEARNED_REVOCATIONS
     learned = load_revocations(learned_path)
     if not learned.covers(report.manifest.revocations):
-        save_revocations(learned_path, learned.union(report.manifest.revocations))
+        learned = learned.union(report.manifest.revocations)
+        save_revocations(learned_path, learned)
+    return near_cap(learned_path, learned)

@@ -294,12 +294,14 @@ class FakeSticks:
         return report
 
     commit_error: KeydError | None = None
+    commit_warning: str | None = None
 
-    def commit(self, report: StickReport) -> None:
+    def commit(self, report: StickReport) -> str | None:
         """Record which volumes were committed (or fail with ``commit_error``)."""
         if self.commit_error is not None:
             raise self.commit_error
         self.committed.append(tuple(v.entry.volume for v in report.accepted))
+        return self.commit_warning
 
 
 @dataclass

@@ -456,3 +456,13 @@ def test_shares_expire_after_share_timeout() -> None:
     assert h.daemon.shares.waiting("tank") is None
     assert "shares-expired" in h.events()
     assert not h.daemon.shown["tank"][1].startswith("waiting for")
+
+
+def test_learned_revocations_near_their_cap_are_a_warning_in_the_audit() -> None:
+    h = harness()
+    h.sticks.commit_warning = "/var/lib/keyd/revoked-learned.toml holds 60000 bundle_ids"
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.start([STICK])
+    h.loop.run()
+    record = next(r for r in h.sink.records if r.event == "revocations-near-cap")
+    assert record.priority == 4 and "holds 60000 bundle_ids" in record.message

@@ -15,6 +15,7 @@ from keyd.trust.revocation import (
     MAX_FILE_ENTRIES,
     Revocations,
     load_revocations,
+    near_cap,
     parse_revocations,
     render_revocations,
     save_revocations,
@@ -116,3 +117,12 @@ def test_a_revocation_file_others_could_change_is_refused(tmp_path: Path, unsafe
         load_revocations(path)
     assert caught.value.reason is Reason.UNSAFE_REVOCATIONS
     assert str(target) in caught.value.message and f"chmod go-w {target}" in (caught.value.fix or "")
+
+
+def test_a_revocation_file_at_nine_tenths_of_its_cap_is_warned_about(tmp_path: Path) -> None:
+    path = tmp_path / "learned.toml"
+    fine = Revocations(frozenset(f"b-{n}" for n in range(MAX_FILE_ENTRIES * 9 // 10 - 1)))
+    assert near_cap(path, fine) is None
+    full = fine.union(Revocations(frozenset({"one-more"})))
+    warning = near_cap(path, full)
+    assert warning is not None and f"{path} holds {MAX_FILE_ENTRIES * 9 // 10} bundle_ids" in warning
