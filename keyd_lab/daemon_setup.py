@@ -247,6 +247,14 @@ def wait_until(guest: Guest, condition: str, timeout: float = 120.0) -> bool:
     return bool(result.rc == 0)
 
 
+def wait_state(guest: Guest, volume: str, state: str, timeout: float = 120.0) -> bool:
+    """Poll the daemon's state of ``volume`` until it is ``state`` (a mount can appear
+    before keyd has finished its job: services, records)."""
+    call = ("busctl --json=short call org.keyd.Keyd1 /org/keyd/Keyd1 org.keyd.Keyd1.Manager "
+            f"GetVolume s {volume}")
+    return wait_until(guest, f"{call} | grep -q '\"state\":\"{state}\"'", timeout)
+
+
 def volume_state(guest: Guest, volume: str) -> str:
     """The daemon's state of ``volume`` over D-Bus (busctl, as root)."""
     out = guest.check(["busctl", "--json=short", "call", "org.keyd.Keyd1", "/org/keyd/Keyd1",

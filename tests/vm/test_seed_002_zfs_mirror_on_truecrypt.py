@@ -30,7 +30,7 @@ from keyd_lab.daemon_setup import (
     make_stick,
     start_keyd,
     stop_keyd,
-    volume_state,
+    wait_state,
     wait_until,
 )
 from keyd_lab.media import StickSpec, build_stick
@@ -222,7 +222,8 @@ def test_seed002_through_keyd_with_a_passphrase_per_truecrypt_volume(
             answer_question(guest, f"keyd:secret:{name}", passphrase.encode())
         assert wait_until(guest, f"findmnt /mnt/t/{POOL}/data", 240), \
             journal_text(guest, "keyd.service")
-        assert pools(guest) == {POOL: "ONLINE"} and volume_state(guest, "secret") == "unlocked"
+        assert wait_state(guest, "secret", "unlocked"), journal_text(guest, "keyd.service")
+        assert pools(guest) == {POOL: "ONLINE"}
         assert kernel.checksums(f"/mnt/t/{POOL}/data") == sums
         trail = events(audit_records(guest, start), "secret")
         assert trail.index("passphrase-fallback") < trail.index("unlock-finished"), trail
@@ -247,6 +248,7 @@ def test_seed002_through_keyd_with_a_passphrase_per_truecrypt_volume(
             name: (text + "\n").encode() for name, text in PASSPHRASES.items()}}))
         assert wait_until(guest, f"findmnt /mnt/t/{POOL}/data", 240), \
             journal_text(guest, "keyd.service")
+        assert wait_state(guest, "secret", "unlocked"), journal_text(guest, "keyd.service")
         assert pools(guest) == {POOL: "ONLINE"} and kernel.checksums(f"/mnt/t/{POOL}/data") == sums
         records = audit_records(guest, plugged)
         accepted = next(r for r in records if r["KEYD_EVENT"] == "bundle-accepted")
