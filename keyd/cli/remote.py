@@ -115,11 +115,6 @@ def wipe(keys: Keys) -> None:
         key[:] = bytes(len(key))
 
 
-def _at(link: DaemonLink, volume: str) -> str:
-    mountpoint = link.get_volume(volume).get("mountpoint", "")
-    return f" at {mountpoint}" if mountpoint else ""
-
-
 def unlock(link: DaemonLink, args: argparse.Namespace, env: Environment) -> int:
     """keydctl unlock through keyd: hand over the key, wait for the outcome, report it."""
     from keyd.daemon.client import remote_unlock  # noqa: PLC0415 (see module doc)
@@ -131,7 +126,8 @@ def unlock(link: DaemonLink, args: argparse.Namespace, env: Environment) -> int:
         message = remote_unlock(link, args.volume, keys, timeout=args.timeout)
     finally:
         wipe(keys)
-    _say(env.stdout, f"{message}{_at(link, args.volume)} (through keyd)")
+    mountpoint = info.get("mountpoint", "")
+    _say(env.stdout, f"{message}{f' at {mountpoint}' if mountpoint else ''} (through keyd)")
     return 0
 
 
