@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
@@ -64,14 +65,7 @@ def _key_files(entries: list[str], volume: str, names: list[str], stdin: BinaryI
     paths.update(files.by_name)
     if list(paths.values()).count("-") > 1:
         raise UsageError("stdin can carry only one key", fix="give the other keys as files")
-    keys: Keys = {}
-    try:
-        for name, path in paths.items():
-            keys[name] = _read(path, stdin)
-    except BaseException:
-        wipe(keys)
-        raise
-    return keys
+    return _gather({name: partial(_read, path, stdin) for name, path in paths.items()})
 
 
 def _passphrase(label: str, ask: Callable[[str], str], stdin: BinaryIO, tty: bool) -> bytearray:
@@ -89,10 +83,16 @@ def _passphrases(volume: str, names: list[str], env: Environment) -> Keys:
     """One passphrase, or one per key name when the volume has several (in config order)."""
     if len(names) <= 1:
         return {"": _passphrase(volume, env.ask, env.stdin, env.stdin_is_tty)}
+    return _gather({name: partial(_passphrase, f"{volume}/{name}", env.ask, env.stdin,
+                                  env.stdin_is_tty) for name in names})
+
+
+def _gather(reads: dict[str, Callable[[], bytearray]]) -> Keys:
+    """Each key read in turn; what was read is wiped if a later one fails."""
     keys: Keys = {}
     try:
-        for name in names:
-            keys[name] = _passphrase(f"{volume}/{name}", env.ask, env.stdin, env.stdin_is_tty)
+        for name, read in reads.items():
+            keys[name] = read()
     except BaseException:
         wipe(keys)
         raise

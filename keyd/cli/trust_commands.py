@@ -112,7 +112,7 @@ def render_json(report: StickReport) -> str:
     """The verdicts as JSON (reason codes, never key bytes)."""
     volumes = [{"volume": v.entry.volume, "bundle_id": v.entry.bundle_id,
                 "generation": v.entry.generation, "accepted": v.accepted,
-                "key_names": sorted({k.name for k in v.entry.secrets if k.name is not None}),
+                "key_names": v.entry.key_names,
                 "keyfiles": sum(k.kind == "keyfile" for k in v.entry.secrets),
                 "reason": v.reason.value if v.reason else None, "message": v.message}
                for v in report.verdicts]

@@ -57,10 +57,16 @@ class EnrollRequest:
     bundle_id: str | None = None
 
 
-def key_file_name(volume: str, encrypted: bool, name: str | None = None) -> str:
-    """The file name of a volume's key (for key name ``name``) inside ``keyd/``."""
-    stem = f"{volume}.{name}.key" if name is not None else f"{volume}.key"
-    return f"{stem}.gpg" if encrypted else stem
+def file_name(volume: str, name: str | None, suffix: str, encrypted: bool = False) -> str:
+    """A file's name inside ``keyd/``: ``VOLUME[.NAME].SUFFIX[.gpg]``."""
+    stem = f"{volume}.{name}" if name is not None else volume
+    return f"{stem}.{suffix}" + (".gpg" if encrypted else "")
+
+
+def recorded(file: str, stored: bytes, *, encrypted: bool = False, name: str | None = None,
+             kind: str = "key") -> KeyFile:
+    """The manifest's record of a file as written to the stick (``stored`` bytes)."""
+    return KeyFile(file, hashlib.sha256(stored).hexdigest(), encrypted, name, kind)
 
 
 def next_generation(existing: Manifest | None, volume: str, last_accepted: int | None) -> int:
@@ -69,19 +75,14 @@ def next_generation(existing: Manifest | None, volume: str, last_accepted: int |
     return max([last_accepted or 0, *on_stick]) + 1
 
 
-def stored_file(volume: str, name: str | None, stored: bytes, encrypted: bool) -> KeyFile:
-    """The manifest's record of one key file as written to the stick (``stored`` bytes)."""
-    return KeyFile(key_file_name(volume, encrypted, name), hashlib.sha256(stored).hexdigest(),
-                   encrypted, name)
-
-
 def new_entry(request: EnrollRequest, stored: Mapping[str | None, bytes],
               generation: int) -> KeyEntry:
     """The manifest entry for ``stored`` (each key file's bytes as written to the stick)."""
     encrypted = request.encrypt_to is not None
     return KeyEntry(
         volume=request.volume, bundle_id=request.bundle_id or str(uuid.uuid4()),
-        secrets=tuple(stored_file(request.volume, name, data, encrypted)
+        secrets=tuple(recorded(file_name(request.volume, name, "key", encrypted), data,
+                               encrypted=encrypted, name=name)
                       for name, data in stored.items()),
         generation=generation,
         not_before=request.not_before.replace(microsecond=0),
@@ -156,12 +157,11 @@ class Enroller:
         encrypted = request.encrypt_to is not None
         records = []
         for name, keyfiles in keys.keyfile_items():
-            stem = f"{request.volume}.{name}" if name else request.volume
             for number, keyfile in enumerate(keyfiles, 1):
                 data = self._stored(request, keyfile)
-                file = f"{stem}.keyfile{number}" + (".gpg" if encrypted else "")
-                records.append((KeyFile(file, hashlib.sha256(data).hexdigest(), encrypted, name,
-                                        "keyfile"), data))
+                file = file_name(request.volume, name, f"keyfile{number}", encrypted)
+                records.append((recorded(file, data, encrypted=encrypted, name=name,
+                                         kind="keyfile"), data))
         return records
 
     def enroll_shares(self, requests: Sequence[EnrollRequest], keys: KeySet, threshold: int,
@@ -188,11 +188,10 @@ class Enroller:
                      sealed: Mapping[str | None, bytes]) -> tuple[KeyEntry, dict[str, bytes]]:
         encrypted = request.encrypt_to is not None
         share = self._stored(request, SecretBytes(piece))
-        share_file = KeyFile(f"{request.volume}.share" + (".gpg" if encrypted else ""),
-                             hashlib.sha256(share).hexdigest(), encrypted)
-        stems = {name: f"{request.volume}.{name}" if name else request.volume for name in sealed}
-        secrets = tuple(KeyFile(f"{stems[name]}.sealed", hashlib.sha256(blob).hexdigest(),
-                                name=name) for name, blob in sealed.items())
+        share_file = recorded(file_name(request.volume, None, "share", encrypted), share,
+                              encrypted=encrypted)
+        secrets = tuple(recorded(file_name(request.volume, name, "sealed"), blob, name=name)
+                        for name, blob in sealed.items())
         entry = replace(new_entry(request, {}, split.generation), secrets=secrets,
                         share=ShareFile(split.set_id, index, split.threshold, split.count,
                                         share_file))

@@ -99,6 +99,11 @@ class KeyEntry:
                 or any(s.name is not None or s.kind != "key" for s in self.secrets))
 
     @property
+    def key_names(self) -> list[str]:
+        """The key names its secrets are for, sorted, each once."""
+        return sorted({s.name for s in self.secrets if s.name is not None})
+
+    @property
     def files(self) -> tuple[KeyFile, ...]:
         """Every file the entry names: its secrets, then its share."""
         return self.secrets + ((self.share.file,) if self.share else ())

@@ -214,9 +214,10 @@ class Verifier:
         return KeySet(opened, keyfiles)
 
     def _share(self, entry: KeyEntry, share: ShareFile, files: list[bytearray]) -> Verdict:
-        sealed = {secret.name: bytes(data) for secret, data in zip(entry.secrets, files,
-                                                                     strict=False)}
-        held = HeldShare(self._plaintext(entry, share.file, files[-1]), sealed)
+        *secrets, share_data = files  # entry.files: the sealed secrets, then the share
+        sealed = {secret.name: bytes(data)
+                  for secret, data in zip(entry.secrets, secrets, strict=True)}
+        held = HeldShare(self._plaintext(entry, share.file, share_data), sealed)
         return Verdict(entry, None, f"volume {entry.volume}: share {share.index} of "
                        f"{share.count} accepted ({share.threshold} needed; set {share.set_id}, "
                        f"generation {entry.generation}, bundle {entry.bundle_id})", share=held)
@@ -231,8 +232,7 @@ class Verifier:
 
 
 def _named(entry: KeyEntry) -> str:
-    names = sorted(secret.name for secret in entry.secrets if secret.name is not None)
-    return f", keys {', '.join(names)}" if names else ""
+    return f", keys {', '.join(entry.key_names)}" if entry.key_names else ""
 
 
 def refused(error: TrustError) -> StickReport:
