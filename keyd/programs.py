@@ -25,6 +25,7 @@ PROGRAMS: dict[str, Program] = {p.name: p for p in (
     Program("mount", "mount"),
     Program("umount", "mount"),
     Program("losetup", "mount"),
+    Program("sync", "coreutils"),
     Program("blkid", "util-linux", ("-V",)),
     Program("wipefs", "util-linux"),
     Program("fuser", "psmisc", ("-V",)),

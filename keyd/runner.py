@@ -54,8 +54,11 @@ class Runner(Protocol):
 
     def run(self, argv: Sequence[str], *, secret: bytes | bytearray | None = None,
             timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,),
-            cwd: str | os.PathLike[str] | None = None) -> Completed:
-        """Run argv; raise ProgramError unless its exit code is in ok_codes."""
+            cwd: str | os.PathLike[str] | None = None, argv0: str | None = None) -> Completed:
+        """Run argv; raise ProgramError unless its exit code is in ok_codes.
+
+        ``argv0`` replaces the program's argv[0] (argv[0] still names what runs).
+        """
         ...
 
 
@@ -73,15 +76,17 @@ class SubprocessRunner:
 
     def run(self, argv: Sequence[str], *, secret: bytes | bytearray | None = None,
             timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,),
-            cwd: str | os.PathLike[str] | None = None) -> Completed:
+            cwd: str | os.PathLike[str] | None = None, argv0: str | None = None) -> Completed:
         """Run argv, feeding ``secret`` (if any) on stdin; see :class:`Runner`."""
         argv = list(argv)
         self._require(argv[0])
+        executable = shutil.which(argv[0]) if argv0 is not None else None
         log.debug("run %s%s", argv, " (secret on stdin)" if secret is not None else "")
         started = time.monotonic()
         try:
             # The secret goes straight from the caller's buffer to the pipe: no copy to scrub.
-            proc = subprocess.run(argv, input=secret,
+            proc = subprocess.run([argv0, *argv[1:]] if argv0 else argv, input=secret,
+                                  executable=executable,
                                   stdin=None if secret is not None else subprocess.DEVNULL,
                                   capture_output=True, timeout=timeout, env=_environment(),
                                   cwd=cwd, check=False)

@@ -6,14 +6,24 @@ stderr) as the cause and say which layer of which volume was being handled.
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 
 from keyd.adapters.retry import Retry
 from keyd.config.layers import md_uuid
 from keyd.engine.errors import StorageError, VolumeBusy
 from keyd.errors import ProgramError
 from keyd.runner import Runner
+
+log = logging.getLogger("keyd.adapters")
+
+# <linux/loop.h>: struct loop_info64 is 232 bytes; lo_flags, a __u32, sits at offset 52.
+LOOP_SET_STATUS64, LOOP_GET_STATUS64 = 0x4C04, 0x4C05
+LO_FLAGS_AUTOCLEAR = 4
+_LOOP_INFO64_SIZE, _LO_FLAGS_OFFSET = 232, 52
 
 
 def _last_line(exc: ProgramError) -> str:
@@ -68,6 +78,14 @@ class Mdadm:
                 from exc
 
 
+# FUSE drivers keyd starts itself rather than through mount(8), by fstype. Their argv[0]
+# starts with '@': systemd-shutdown's final killing spree spares such processes (systemd's
+# "root storage daemon" convention), so a file system inside one that could not be unmounted
+# before (a process kept it busy) is still unmounted cleanly once that process is gone,
+# before the driver itself goes.
+FUSE_DRIVERS = {"ntfs-3g": "ntfs-3g"}
+
+
 class Mounter:
     """The :class:`~keyd.engine.ports.MountPort` that runs mount and umount."""
 
@@ -84,10 +102,12 @@ class Mounter:
             except OSError as exc:  # e.g. a file where a directory should be
                 raise StorageError(f"cannot create mountpoint {mountpoint} for {label}: "
                                    f"{exc.strerror}", fix="fix mountpoint in keyd.toml") from exc
-        argv = ["mount", "-t", fstype]
+        driver = FUSE_DRIVERS.get(fstype)
+        argv = [driver] if driver else ["mount", "-t", fstype]
         argv += ["-o", ",".join(options)] if options else []
         try:
-            self.runner.run([*argv, source, mountpoint], timeout=120)
+            self.runner.run([*argv, source, mountpoint], timeout=120,
+                            argv0=f"@{driver}" if driver else None)
         except ProgramError as exc:
             raise StorageError(f"could not mount {label} ({fstype}) at {mountpoint}: "
                                f"{_last_line(exc)}",
@@ -104,13 +124,42 @@ class Mounter:
                                f"{_last_line(exc)}", fix="see `findmnt " + mountpoint + "`") \
                 from exc
 
+    def quiesce(self, label: str, mountpoint: str) -> str:
+        """Flush the file system at ``mountpoint`` and try to remount it read-only; says
+        which of the two happened (a file open for writing keeps it read-write)."""
+        try:
+            self.runner.run(["sync", "--file-system", mountpoint], timeout=120)
+        except ProgramError as exc:
+            return f"{mountpoint}: sync failed: {_last_line(exc)}"
+        try:
+            self.runner.run(["mount", "-o", "remount,ro", mountpoint], timeout=120)
+        except ProgramError as exc:
+            return f"{mountpoint}: synced, still read-write ({_last_line(exc)})"
+        return f"{mountpoint}: synced and remounted read-only"
+
+
+def set_autoclear(device: str) -> None:
+    """Set LO_FLAGS_AUTOCLEAR on a bound loop device (losetup has no option for it; mount's
+    ``-o loop`` sets it the same way)."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        info = bytearray(_LOOP_INFO64_SIZE)
+        fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+        (flags,) = struct.unpack_from("=I", info, _LO_FLAGS_OFFSET)
+        struct.pack_into("=I", info, _LO_FLAGS_OFFSET, flags | LO_FLAGS_AUTOCLEAR)
+        fcntl.ioctl(fd, LOOP_SET_STATUS64, bytes(info))
+    finally:
+        os.close(fd)
+
 
 class Losetup:
     """The :class:`~keyd.engine.ports.LoopPort` that runs losetup."""
 
-    def __init__(self, runner: Runner, retry: Retry | None = None) -> None:
+    def __init__(self, runner: Runner, retry: Retry | None = None,
+                 flag_autoclear: Callable[[str], None] = set_autoclear) -> None:
         self.runner = runner
         self.retry = retry or Retry()
+        self.flag_autoclear = flag_autoclear
 
     def attach(self, label: str, image: str, *, read_only: bool) -> str:
         """``losetup --find --show [--read-only] IMAGE``; returns /dev/loopN."""
@@ -127,10 +176,19 @@ class Losetup:
         return device
 
     def detach(self, label: str, device: str) -> None:
-        """``losetup --detach DEVICE``."""
+        """``losetup --detach DEVICE``; a device autoclear detached already is fine."""
         try:
             self.retry.run(lambda: self.runner.run(["losetup", "--detach", device], timeout=60),
                            busy=_busy)
         except ProgramError as exc:
+            if "No such device or address" in exc.stderr:  # ENXIO: no longer bound
+                return
             raise StorageError(f"could not detach {label} ({device}): {_last_line(exc)}",
                                fix="something still uses it; see `keydctl status`") from exc
+
+    def autoclear(self, label: str, device: str) -> None:
+        """Flag ``device`` autoclear; if the kernel refuses, keyd still detaches it at lock."""
+        try:
+            self.flag_autoclear(device)
+        except OSError as exc:
+            log.warning("cannot set autoclear on %s (%s): %s", device, label, exc.strerror)

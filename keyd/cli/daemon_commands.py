@@ -30,6 +30,7 @@ FILES: tuple[tuple[str, str, bool], ...] = (
     ("systemd/keyd.service", f"{_UNIT_DIR}/keyd.service", True),
     ("systemd/keyd-unlocked@.target", f"{_UNIT_DIR}/keyd-unlocked@.target", False),
     ("systemd/keyd-wait@.service", f"{_UNIT_DIR}/keyd-wait@.service", True),
+    ("systemd/keyd-shutdown.service", f"{_UNIT_DIR}/keyd-shutdown.service", True),
     ("udev/70-keyd.rules", "usr/lib/udev/rules.d/70-keyd.rules", False),
     ("systemd/org.keyd.Keyd1.conf", "usr/share/dbus-1/system.d/org.keyd.Keyd1.conf", False),
     ("systemd/keyd.catalog", "usr/lib/systemd/catalog/keyd.catalog", False),
@@ -146,7 +147,8 @@ def register(subparsers: Any) -> None:
     """Add ``install`` and ``wait`` to keydctl."""
     install = subparsers.add_parser(
         "install", help="install keyd's units, udev rules, D-Bus policy and catalog",
-        description="Copy keyd.service, keyd-unlocked@.target, keyd-wait@.service, the udev "
+        description="Copy keyd.service, keyd-shutdown.service, keyd-unlocked@.target, "
+                    "keyd-wait@.service, the udev "
                     "rules, the D-Bus policy, the journal catalog, tmpfiles.d, sysusers.d (the "
                     "keyd group) and example configuration to their standard places under ROOT.",
         formatter_class=argparse.RawDescriptionHelpFormatter)

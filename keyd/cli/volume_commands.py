@@ -29,10 +29,10 @@ from keyd.cli.key_args import UsageError, parse_key_files
 from keyd.config.model import DEFAULT_CONFIG, Config, MountLayer, Volume
 from keyd.config.parse import load_config
 from keyd.daemon_view import read_view
-from keyd.engine.errors import KeyRejected
+from keyd.engine.errors import KeyRejected, VolumeBusy
 from keyd.engine.lockfile import DEFAULT_RUN_DIR
 from keyd.engine.status import render_table, to_json
-from keyd.errors import ConfigError
+from keyd.errors import ConfigError, KeydError
 from keyd.trust.settings import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
@@ -190,6 +190,27 @@ def _lock(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shutdown(args: argparse.Namespace) -> int:
+    env = _env(args)
+    link = remote.choose(args, env.daemon)
+    if link is not None:
+        return remote.shutdown(link, args, env)
+    engine, left_open = _engine(env, args), 0
+    for volume in reversed(load_config(args.config).volumes):  # the last configured first
+        try:
+            if engine.lock(volume, force=True, quiesce=True).changed:
+                print(f"volume {volume.name} locked", file=env.stdout)
+        except VolumeBusy as busy:
+            left_open += 1
+            print(f"keydctl: volume {volume.name} left open: {busy.message}", file=env.stderr)
+            for line in busy.quiesced:
+                print(f"keydctl:   {line}", file=env.stderr)
+        except KeydError as exc:
+            left_open += 1
+            print(f"keydctl: volume {volume.name} left open: {exc.message}", file=env.stderr)
+    return 1 if left_open else 0
+
+
 def _status(args: argparse.Namespace) -> int:
     env = _env(args)
     config = load_config(args.config)
@@ -260,7 +281,7 @@ def _add(subparsers: Any, name: str, handler: Callable[[argparse.Namespace], int
 
 
 def register(subparsers: Any) -> None:
-    """Add unlock, lock, status, doctor and check-config to keydctl."""
+    """Add unlock, lock, shutdown, status, doctor and check-config to keydctl."""
     common = [_common()]
     unlock = _add(subparsers, "unlock", _unlock, "open a volume's storage stack bottom-up",
                   "Assemble, open and mount every layer of VOLUME that is not open yet.\n"
@@ -294,6 +315,14 @@ def register(subparsers: Any) -> None:
                            "always does)")
     _add_wait(lock)
     remote.add_options(lock)
+    shutdown = _add(subparsers, "shutdown", _shutdown,
+                    "lock every open volume for power-off (keyd-shutdown.service)",
+                    "Lock every open volume top-down, as keyd-shutdown.service does when the\n"
+                    "system goes down. A busy volume is not waited for: its file systems are\n"
+                    "flushed and, where nothing writes, remounted read-only; the processes are\n"
+                    "named. Through keyd when it runs (it then opens nothing until it exits).\n"
+                    "Exit status 1 if a volume was left open.", parents=common)
+    remote.add_options(shutdown)
     status = _add(subparsers, "status", _status, "show volumes and their layers",
                   "Show each volume's state and every layer: device, degraded flag, "
                   "mountpoint.", parents=common)

@@ -141,6 +141,10 @@ class KeydClient:
         """Ask for a lock; returns the state right after (see :meth:`wait`)."""
         return str(self._call("Lock", volume))
 
+    def prepare_shutdown(self) -> list[str]:
+        """Have keyd lock every open volume for the shutdown; the volumes it is locking."""
+        return [str(name) for name in self._call("PrepareShutdown")]
+
     def unlock_passphrase(self, volume: str, passphrase: str) -> str:
         """Unlock with a passphrase."""
         return str(self._call("UnlockWithPassphrase", volume, passphrase))
@@ -261,6 +265,9 @@ class DaemonLink(Protocol):
         """See KeydClient."""
 
     def lock(self, volume: str) -> str:
+        """See KeydClient."""
+
+    def prepare_shutdown(self) -> list[str]:
         """See KeydClient."""
 
     def unlock_keys(self, volume: str, keys: Mapping[str, bytes | bytearray]) -> str:

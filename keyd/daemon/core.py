@@ -407,10 +407,11 @@ class Daemon:
         match job:
             case ef.StartUnlock(ref):
                 self.loop.run_in_worker(lambda: workers.unlock(engine, vol, self.keys, ref), back)
-            case ef.StartLock(stop_services):
+            case ef.StartLock(stop_services, quiesce):
                 units = [target_unit(volume), *reversed(vol.services)] if stop_services else []
                 self.loop.run_in_worker(
-                    lambda: workers.lock(engine, vol, self.ports.units, units), back)
+                    lambda: workers.lock(engine, vol, self.ports.units, units, quiesce=quiesce),
+                    back)
             case ef.StartMend(ref_or_none):
                 log.info("volume %s is open degraded: bringing back what it lacks%s", volume,
                          " (with a stick's key)" if ref_or_none else " (key-less sides only)")
@@ -473,6 +474,12 @@ class Daemon:
         """Lock on request; returns the state right after (usually locking)."""
         self.dispatch(volume, ev.LockRequested(by, self._next()))
         return self.state(volume)
+
+    def request_shutdown(self, by: str) -> list[str]:
+        """The system goes down: lock every open volume, open nothing from now on. Returns
+        the volumes that are still being worked on (``keydctl shutdown`` waits for them)."""
+        self.broadcast(ev.ShutdownStarted(by, self._next()))
+        return [v for v in self.facts if self.state(v) in ("locking", "unlocking")]
 
     def _next(self) -> int:
         """The order of sticks going in and requests coming: the newest action wins."""

@@ -58,6 +58,9 @@ INTROSPECTION = f"""
       <arg type="s" name="volume" direction="in"/>
       <arg type="s" name="state" direction="out"/>
     </method>
+    <method name="PrepareShutdown">
+      <arg type="as" name="locking" direction="out"/>
+    </method>
     <signal name="StateChanged">
       <arg type="s" name="volume"/>
       <arg type="s" name="state"/>
@@ -169,6 +172,18 @@ class ManagerService:
         """Lock the volume (services are stopped first; busy volumes stay unlocked)."""
         uid = self._authorize(dbus_context, volume)
         return self.daemon.request_lock(volume, f"D-Bus request by uid {uid}")
+
+    def PrepareShutdown(self, dbus_context: Any = None) -> list[str]:
+        """The system goes down: lock every open volume and open nothing any more (root only,
+        keyd-shutdown.service); returns the volumes being locked."""
+        uid = int(dbus_context.bus.dbus.GetConnectionUnixUser(dbus_context.sender))
+        if uid != 0:
+            self.daemon.audit(None, AuditEvent.DBUS_DENIED,
+                              f"PrepareShutdown by uid {uid} denied", result="denied",
+                              reason=f"uid {uid}")
+            raise AccessDenied(f"uid {uid} may not call PrepareShutdown",
+                               fix="only root (keyd-shutdown.service) prepares the shutdown")
+        return self.daemon.request_shutdown(f"system shutdown (uid {uid})")
 
     def state_changed(self, volume: str, state: str, detail: str) -> None:
         """The core's Announcer: emit StateChanged."""

@@ -26,9 +26,13 @@ class StartUnlock:
 
 @dataclass(frozen=True)
 class StartLock:
-    """Close the volume's stack (in a worker); first stop its services, waiting for them."""
+    """Close the volume's stack (in a worker); first stop its services, waiting for them.
+
+    ``quiesce`` (at shutdown): if the volume is busy, flush its file systems instead.
+    """
 
     stop_services: bool = False
+    quiesce: bool = False
 
 
 @dataclass(frozen=True)

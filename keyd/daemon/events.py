@@ -113,6 +113,14 @@ class LockRequested:
 
 
 @dataclass(frozen=True)
+class ShutdownStarted:
+    """The system is going down: every open volume is locked, and nothing opens any more."""
+
+    by: str = "system shutdown"
+    seq: int = 0
+
+
+@dataclass(frozen=True)
 class LockSucceeded:
     """The engine closed the stack (``changed`` False: nothing of it was open)."""
 
@@ -122,9 +130,11 @@ class LockSucceeded:
 
 @dataclass(frozen=True)
 class LockBusy:
-    """The lock was refused because processes use the volume (``holders`` names them)."""
+    """The lock was refused because processes use the volume (``holders`` names them;
+    ``quiesced`` says what was flushed instead, at shutdown)."""
 
     holders: str = ""
+    quiesced: str = ""
 
 
 @dataclass(frozen=True)
@@ -174,10 +184,11 @@ class SharesHeld:
 Event = (Observed | KeyArrived | BundleRejected | UnlockSucceeded | UnlockFailed | Mended
          | MendFailed | StickRemoved | MemberAdded | MemberRemoved | LockRequested
          | LockSucceeded | LockBusy | LockFailed | GraceExpired | KeyTimeout | MembersTimeout
-         | LockRetry | PassphraseUnavailable | SharesHeld)
+         | LockRetry | PassphraseUnavailable | SharesHeld | ShutdownStarted)
 
 ALL_EVENT_TYPES: tuple[type, ...] = (
     Observed, KeyArrived, BundleRejected, UnlockSucceeded, UnlockFailed, Mended, MendFailed,
     StickRemoved,
     MemberAdded, MemberRemoved, LockRequested, LockSucceeded, LockBusy, LockFailed,
-    GraceExpired, KeyTimeout, MembersTimeout, LockRetry, PassphraseUnavailable, SharesHeld)
+    GraceExpired, KeyTimeout, MembersTimeout, LockRetry, PassphraseUnavailable, SharesHeld,
+    ShutdownStarted)

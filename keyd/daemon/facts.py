@@ -75,6 +75,7 @@ class VolumeFacts:
     degraded: bool = False              # open with a side missing: mended when disks appear
     mended_at: int | None = None        # ``devices`` at the last mend (or unlock)
     shares: tuple[int, int] | None = None  # k-of-n: (shares held, shares needed)
+    shutdown: bool = False              # the system goes down: locked, and nothing opens
 
 
 def state_name(facts: VolumeFacts) -> str:

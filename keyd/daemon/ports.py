@@ -46,8 +46,8 @@ class VolumeEngine(Protocol):
         """Open the stack."""
         ...
 
-    def lock(self, volume: Volume, *, force: bool = False) -> Outcome:
-        """Close the stack."""
+    def lock(self, volume: Volume, *, force: bool = False, quiesce: bool = False) -> Outcome:
+        """Close the stack (``quiesce``: flush it if it is busy, at shutdown)."""
         ...
 
     def mend(self, volume: Volume, keys: KeySource) -> Outcome:

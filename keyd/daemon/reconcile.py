@@ -18,6 +18,11 @@ The goal, in order (keyd(8), "How keyd decides"):
    such sticks in, pulling one changes nothing);
 5. otherwise the kernel's state is kept: keyd never closes what nobody asked it to.
 
+Once the system goes down (:class:`~keyd.daemon.events.ShutdownStarted`) every open
+volume is locked and nothing opens or starts any more: keys are discarded, services
+are not started again, and a busy volume is not retried but flushed and left open
+for systemd-shutdown (keyd(8), SHUTDOWN).
+
 A volume open degraded is mended (its missing sides brought back) whenever a disk
 appears and no lock is wanted: the sticks that verified for it and are still in are
 read again for the key the sides' crypt layers need; no key outlives its job.
@@ -57,6 +62,8 @@ def step(facts: VolumeFacts, event: ev.Event, policy: VolumePolicy) -> Result:
     """Apply ``event`` to the facts, then reconcile; the new facts and the effects to carry out."""
     applied, first = apply(facts, event, policy)
     reconciled, then = reconcile(applied, policy)
+    if reconciled.shutdown:  # services are stopping: starting them would fight systemd
+        return reconciled, [e for e in first + then if not isinstance(e, StartServices)]
     return reconciled, first + then
 
 
@@ -133,7 +140,7 @@ def _grace(facts: VolumeFacts, policy: VolumePolicy) -> Result:
 
 def _passphrase(facts: VolumeFacts, policy: VolumePolicy) -> Result:
     if not (facts.want_passphrase and policy.passphrase and not facts.asking
-            and facts.kernel == "locked" and facts.intent is None):
+            and facts.kernel == "locked" and facts.intent is None and not facts.shutdown):
         return facts, []
     return replace(facts, want_passphrase=False, asking=True), [
         AskPassphrase(policy.passphrase_timeout),
@@ -174,7 +181,8 @@ def _mend(facts: VolumeFacts) -> Result:
     in are read again (their keys were wiped after the unlock), and each key that comes
     back is another try.
     """
-    if not (facts.degraded and facts.kernel == "unlocked" and facts.mended_at != facts.devices):
+    if not (facts.degraded and facts.kernel == "unlocked" and facts.mended_at != facts.devices
+            and not facts.shutdown):
         return facts, []
     recheck: list[Effect] = [RecheckSticks(tuple(sorted(facts.holders)))] if facts.holders \
         else []
@@ -189,7 +197,8 @@ def _towards_locked(facts: VolumeFacts) -> Result:
     by = (facts.intent.by if facts.intent is not None else
           "start-up rollback" if rollback else "stick removed")
     started = replace(facts, job="lock", retry_due=False, rollback=rollback)
-    effects: list[Effect] = [StartLock(stop_services=facts.kernel == "unlocked")]
+    effects: list[Effect] = [StartLock(stop_services=facts.kernel == "unlocked",
+                                       quiesce=facts.shutdown)]
     if facts.lock_attempts == 0:
         effects.append(Audit(A.LOCK_STARTED, f"locking ({by})", reason=by))
     return started, effects
@@ -208,6 +217,8 @@ def _observed(facts: VolumeFacts, event: ev.Observed, policy: VolumePolicy) -> R
 
 
 def _key_arrived(facts: VolumeFacts, event: ev.KeyArrived, policy: VolumePolicy) -> Result:
+    if facts.shutdown:
+        return facts, [DiscardKey(event.ref)]
     holders = facts.holders | ({event.serial} if event.source == "stick" and event.serial else set())
     mending = facts.kernel == "unlocked" and facts.degraded
     # k-of-n shares combined are a stick's act too (the last one's), tried once: the
@@ -244,6 +255,14 @@ def _lock_requested(facts: VolumeFacts, event: ev.LockRequested, policy: VolumeP
                    offers=(), booting=False, recheck=True,
                    want_passphrase=False, refused=False, lock_attempts=0), [
         CancelTimer(Timer.KEY), *[DiscardKey(o.ref) for o in facts.offers]]
+
+
+def _shutdown_started(facts: VolumeFacts, event: ev.ShutdownStarted,
+                      policy: VolumePolicy) -> Result:
+    # Like a lock request, but only what is open is locked (no recheck of a locked one),
+    # and for good: the facts keep ``shutdown`` until keyd exits.
+    locked, effects = _lock_requested(facts, ev.LockRequested(event.by, event.seq), policy)
+    return replace(locked, shutdown=True, recheck=False), effects
 
 
 def _unlock_succeeded(facts: VolumeFacts, event: ev.UnlockSucceeded,
@@ -339,6 +358,11 @@ def _lock_succeeded(facts: VolumeFacts, event: ev.LockSucceeded, policy: VolumeP
 
 
 def _lock_busy(facts: VolumeFacts, event: ev.LockBusy, policy: VolumePolicy) -> Result:
+    if facts.shutdown:  # no time to wait: left to systemd-shutdown, flushed
+        quiesced = f"; {event.quiesced}" if event.quiesced else ""
+        message = f"busy at shutdown, left open: {event.holders}{quiesced}"
+        return _gave_up(facts, warning=message), [
+            Audit(A.LOCK_BUSY, message, result="left-open", reason="BUSY")]
     attempts = facts.lock_attempts + 1
     if attempts <= policy.lock_retries and not facts.rollback:
         return replace(facts, job=None, lock_attempts=attempts), [
@@ -433,4 +457,5 @@ _APPLY: dict[type, Callable[[VolumeFacts, Any, VolumePolicy], Result]] = {
     ev.LockRequested: _lock_requested, ev.LockSucceeded: _lock_succeeded,
     ev.LockBusy: _lock_busy, ev.LockFailed: _lock_failed, ev.GraceExpired: _grace_expired,
     ev.KeyTimeout: _key_timeout, ev.MembersTimeout: _members_timeout, ev.LockRetry: _lock_retry,
-    ev.PassphraseUnavailable: _passphrase_unavailable, ev.SharesHeld: _shares_held}
+    ev.PassphraseUnavailable: _passphrase_unavailable, ev.SharesHeld: _shares_held,
+    ev.ShutdownStarted: _shutdown_started}

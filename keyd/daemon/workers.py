@@ -122,19 +122,19 @@ def mend(engine: VolumeEngine, volume: Volume, store: KeyStore, ref: str | None)
 
 
 def lock(engine: VolumeEngine, volume: Volume, units: UnitManager,
-         services: Sequence[str] = ()) -> ev.Event:
+         services: Sequence[str] = (), *, quiesce: bool = False) -> ev.Event:
     """Stop ``services`` and wait for them, then close ``volume``; busy is its own event.
 
     Nothing is ever killed. After any other failure the kernel is read again, so the
-    daemon knows what is still open.
+    daemon knows what is still open. ``quiesce``: see Engine.lock.
     """
     started = time.monotonic()
     try:
         stop_services(units, services)
-        outcome = engine.lock(volume)
+        outcome = engine.lock(volume, quiesce=quiesce)
     except VolumeBusy as exc:
         holders = ", ".join(str(h) for h in exc.holders[:5]) or "; ".join(exc.reasons[:3])
-        return ev.LockBusy(holders or "in use")
+        return ev.LockBusy(holders or "in use", "; ".join(exc.quiesced))
     except Exception as exc:  # a worker must always report back
         if not isinstance(exc, KeydError):
             log.exception("lock of %s failed unexpectedly", volume.name)

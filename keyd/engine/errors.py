@@ -65,6 +65,8 @@ class VolumeBusy(KeydError):
         self.volume = volume
         self.holders = tuple(holders)
         self.reasons = tuple(reasons)
+        # At shutdown: what was flushed or remounted read-only instead (Executor.lock).
+        self.quiesced: tuple[str, ...] = ()
 
 
 class VolumeLocked(KeydError):

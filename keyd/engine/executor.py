@@ -120,6 +120,12 @@ class Executor:
         except BaseException as error:
             self._rollback(run, error)
             raise
+        # Only now that what sits on them holds them open: a loop device then goes by itself
+        # when its file system is unmounted, by keyd or by systemd at power-off, so the file
+        # system holding its image can be unmounted next.
+        for step, device in run.opened:
+            if isinstance(step, AttachLoop) and device:
+                self.storage.loops.autoclear(_label(volume.name, step.layer), device)
         return run.devices
 
     def _timed(self, step: Step, action: Callable[[], None]) -> None:
@@ -252,13 +258,22 @@ class Executor:
         error.rollback_failures = failures  # type: ignore[attr-defined]
 
     def lock(self, volume: Volume, plan: Plan, observed: ObservedState, *,
-             force: bool = False) -> None:
-        """Run a lock plan after checking nothing holds the volume."""
+             force: bool = False, quiesce: bool = False) -> None:
+        """Run a lock plan after checking nothing holds the volume.
+
+        ``quiesce`` (at shutdown): a busy volume's file systems are flushed and, where
+        nothing writes, remounted read-only, top-down; nothing is closed under them.
+        """
         if force:
             self.services.stop(volume.services)
         holders, reasons = self._busy(plan, observed)
         if holders or reasons:
-            raise VolumeBusy(volume.name, holders, reasons)
+            busy = VolumeBusy(volume.name, holders, reasons)
+            if quiesce:
+                busy.quiesced = tuple(
+                    self.storage.mounts.quiesce(_label(volume.name, step.layer), step.mountpoint)
+                    for step in plan.steps if isinstance(step, Unmount))
+            raise busy
         for step in plan.steps:
             self._timed(step, partial(self._close, step, volume))
 

@@ -58,6 +58,10 @@ class MountPort(Protocol):
         """Unmount ``mountpoint``."""
         ...
 
+    def quiesce(self, label: str, mountpoint: str) -> str:
+        """Flush ``mountpoint`` and remount it read-only if it can be; what happened."""
+        ...
+
 
 class LoopPort(Protocol):
     """Attaches and detaches loop devices."""
@@ -67,7 +71,11 @@ class LoopPort(Protocol):
         ...
 
     def detach(self, label: str, device: str) -> None:
-        """Detach the loop device."""
+        """Detach the loop device (done already, by autoclear, is fine)."""
+        ...
+
+    def autoclear(self, label: str, device: str) -> None:
+        """Have the kernel detach the loop device once nothing holds it open any more."""
         ...
 
 

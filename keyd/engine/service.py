@@ -103,13 +103,15 @@ class Engine:
         return Outcome(volume.name, mend_only(plan).steps != plan.steps, devices,
                        tuple(executor.degraded), tuple(executor.mended))
 
-    def lock(self, volume: Volume, *, force: bool = False) -> Outcome:
-        """Close what keyd opened, unless something still uses it (``force`` stops services)."""
+    def lock(self, volume: Volume, *, force: bool = False, quiesce: bool = False) -> Outcome:
+        """Close what keyd opened, unless something still uses it (``force`` stops services;
+        ``quiesce``, at shutdown, flushes a busy volume's file systems: Executor.lock)."""
         with VolumeLock(self.run_dir, volume.name, timeout=self.lock_timeout):
             observed = self.observe([volume], members=False)
             plan = plan_lock(volume, observed)
             if plan.steps:
-                self._executor(NoKeys()).lock(volume, plan, observed, force=force)
+                self._executor(NoKeys()).lock(volume, plan, observed, force=force,
+                                              quiesce=quiesce)
         return Outcome(volume.name, bool(plan.steps))
 
     def status(self, volumes: Sequence[Volume]) -> list[VolumeReport]:

@@ -184,11 +184,14 @@ class FakeEngine:
         self.changes.append(("mend", name))
         return ("side is back in the pool",)
 
-    def lock(self, volume: Volume, *, force: bool = False) -> Outcome:
-        """Close, unless the next scripted busy flag (or a holder) says busy."""
-        self.calls.append(f"lock {volume.name}")
+    def lock(self, volume: Volume, *, force: bool = False, quiesce: bool = False) -> Outcome:
+        """Close, unless the next scripted busy flag (or a holder) says busy (and then, with
+        ``quiesce``, say the file system was flushed)."""
+        self.calls.append(f"lock {volume.name}{' (quiesce)' if quiesce else ''}")
         if (self.busy and self.busy.pop(0)) or volume.name in self.held:
-            raise VolumeBusy(volume.name, [Holder(42, "bash", "cwd in", "/srv/tank")])
+            busy = VolumeBusy(volume.name, [Holder(42, "bash", "cwd in", "/srv/tank")])
+            busy.quiesced = ("/srv/tank: synced, still read-write",) if quiesce else ()
+            raise busy
         changed = volume.name in self.open | self.partial
         if changed:
             self.changes.append(("close", volume.name))

@@ -31,6 +31,7 @@ class Call:
     argv: tuple[str, ...]
     secret: bytes | None
     timeout: float
+    argv0: str | None = None  # the program's argv[0], when the caller replaced it
 
 
 Rule = Reply | Callable[[Sequence[str]], Reply]
@@ -50,10 +51,10 @@ class ScriptedRunner:
 
     def run(self, argv: Sequence[str], *, secret: bytes | bytearray | None = None,
             timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,),
-            cwd: str | os.PathLike[str] | None = None) -> Completed:
+            cwd: str | os.PathLike[str] | None = None, argv0: str | None = None) -> Completed:
         """Record the call and answer it from the first matching rule."""
         argv = tuple(argv)
-        self.calls.append(Call(argv, None if secret is None else bytes(secret), timeout))
+        self.calls.append(Call(argv, None if secret is None else bytes(secret), timeout, argv0))
         reply = Reply()
         for prefix, rule in self.rules:
             if argv[:len(prefix)] == prefix:

@@ -15,7 +15,7 @@ from keyd.programs import packages
 ROOT = Path(__file__).resolve().parents[2]
 DEBIAN = ROOT / "debian"
 # Essential: always installed, and Debian policy forbids depending on it without a version.
-ESSENTIAL = {"util-linux"}
+ESSENTIAL = {"util-linux", "coreutils"}
 
 
 def control_field(field: str) -> set[str]:

@@ -16,28 +16,11 @@ from keyd_lab.channel import GuestResult
 from tests.configs import seed_003
 
 from .conftest import GuestLab
-from .fixtures.keydctl import Kernel, Keydctl, programs_run, tcplay
+from .fixtures.keydctl import Kernel, Keydctl, programs_run
+from .fixtures.seed_003 import PASSPHRASE, build_seed_003
 
-PASSPHRASE = "work laptop 2013"
 NTFS, ROOT = "/mnt/t/winroot", "/mnt/t/debian"
 MAPPING = "keyd-work-tc"
-
-# Stack built by hand (cryptsetup for the mapping, as tcplay -m would): NTFS, then an ext3
-# image in it holding one file, then everything closed again.
-BUILD = """
-mkntfs -f -Q -L WINROOT /dev/mapper/tcsetup >/dev/null
-mkdir -p /mnt/t/setup-ntfs /mnt/t/setup-root
-mount -t ntfs-3g /dev/mapper/tcsetup /mnt/t/setup-ntfs
-truncate -s 24M /mnt/t/setup-ntfs/rootfs
-mkfs.ext3 -q -F -L debian /mnt/t/setup-ntfs/rootfs
-mount -o loop /mnt/t/setup-ntfs/rootfs /mnt/t/setup-root
-echo installed-by-hand > /mnt/t/setup-root/origin
-umount /mnt/t/setup-root
-umount /mnt/t/setup-ntfs
-udevadm settle
-for i in $(seq 20); do cryptsetup close tcsetup && exit 0; sleep 0.5; done
-exit 1
-"""
 
 
 def unlock(keyd: Keydctl) -> GuestResult:
@@ -47,10 +30,7 @@ def unlock(keyd: Keydctl) -> GuestResult:
 def build_stack(guest: GuestLab) -> Keydctl:
     """A TrueCrypt disk holding NTFS holding an ext3 image; keydctl with its config."""
     disk = guest.disk("TCNTFS003", 96)
-    tcplay(guest, PASSPHRASE, "-c", "-d", disk, "-z", "-w", "-a", "RIPEMD160", "-b", "AES-256-XTS")
-    guest.check(["cryptsetup", "open", "--type", "tcrypt", disk, "tcsetup"],
-                input=PASSPHRASE + "\n", timeout=300)
-    guest.check(["sh", "-ec", BUILD], timeout=300)
+    build_seed_003(guest, disk)
     config = seed_003(disk, ntfs=NTFS, root=ROOT,
                       description="seed 003: Debian in an ext3 image on TrueCrypt'ed NTFS")
     return Keydctl(guest, "/etc/keyd/seed003.toml").write_config(config)
@@ -81,6 +61,11 @@ def test_stack_unlocks_bottom_up_and_locks_top_down_in_order(guest: GuestLab) ->
     assert kernel.findmnt(NTFS) == f"/dev/mapper/{MAPPING} fuseblk"  # ntfs-3g
     [(loop, backing)] = loops(guest).items()
     assert backing == f"{NTFS}/rootfs"
+    # Detached by the kernel as soon as the ext3 is unmounted, by keyd or at power-off.
+    assert guest.check(["losetup", "--noheadings", "-O", "AUTOCLEAR", loop]).stdout.strip() == "1"
+    # The FUSE driver runs as a root storage daemon: systemd-shutdown spares it.
+    assert guest.sh("cat /proc/$(pgrep -x ntfs-3g)/cmdline | tr '\\0' ' '").startswith(
+        f"@ntfs-3g /dev/mapper/{MAPPING} {NTFS}")
     assert kernel.findmnt(ROOT) == f"{loop} ext3"
     assert guest.check(["cat", f"{ROOT}/origin"]).stdout == "installed-by-hand\n"
     assert keyd.status("work")["state"] == "unlocked"

@@ -99,6 +99,46 @@ def test_losetup_detach_failure_after_retries() -> None:
     assert len(runner.calls) == 4 and len(sleeps) == 3
 
 
+def test_a_loop_autoclear_already_detached_is_not_an_error() -> None:
+    gone = Reply(stderr="losetup: /dev/loop3: detach failed: No such device or address\n",
+                 returncode=1)
+    Losetup(ScriptedRunner().on("losetup", reply=gone)).detach("img", "/dev/loop3")
+
+
+def test_autoclear_is_set_through_the_injected_ioctl_and_a_refusal_is_only_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    flagged: list[str] = []
+    Losetup(ScriptedRunner(), flag_autoclear=flagged.append).autoclear("img", "/dev/loop3")
+
+    def refuse(device: str) -> None:
+        raise OSError(6, "No such device or address")
+
+    Losetup(ScriptedRunner(), flag_autoclear=refuse).autoclear("img", "/dev/loop4")
+    assert flagged == ["/dev/loop3"]
+    assert "cannot set autoclear on /dev/loop4 (img): No such device or address" in caplog.text
+
+
+def test_ntfs_3g_runs_directly_as_a_root_storage_daemon(tmp_path: Path) -> None:
+    runner = ScriptedRunner()
+    Mounter(runner, create_mountpoints=False).mount("ntfs", "/dev/mapper/x", "/m", "ntfs-3g",
+                                                   ["noatime"])
+    [call] = runner.calls
+    assert call.argv == ("ntfs-3g", "-o", "noatime", "/dev/mapper/x", "/m")
+    assert call.argv0 == "@ntfs-3g"  # spared by systemd-shutdown's killing spree
+
+
+@pytest.mark.parametrize(("remount", "said"), [
+    (Reply(), "/m: synced and remounted read-only"),
+    (Reply(stderr="mount: /m: mount point is busy.\n", returncode=32),
+     "/m: synced, still read-write (mount: /m: mount point is busy.)"),
+])
+def test_quiesce_syncs_then_tries_read_only(remount: Reply, said: str) -> None:
+    runner = ScriptedRunner().on("mount", reply=remount)
+    assert Mounter(runner).quiesce("data", "/m") == said
+    assert runner.argvs() == [("sync", "--file-system", "/m"),
+                              ("mount", "-o", "remount,ro", "/m")]
+
+
 def test_mdadm_stop_retries_while_udev_holds_the_array() -> None:
     replies = [Reply(stderr="mdadm: Cannot get exclusive access to /dev/md127\n",
                      returncode=1), Reply()]

@@ -34,6 +34,7 @@ class FakeKeyd:
     refuse: str | None = None  # a D-Bus error text every request fails with
     key_names: str = "crypt0"
     calls: list[tuple[str, str, dict[str, bytes]]] = field(default_factory=list)
+    ends: dict[str, tuple[str, str]] = field(default_factory=dict)  # by volume, at shutdown
 
     def _request(self, method: str, volume: str, keys: dict[str, bytes] | None = None) -> str:
         if self.refuse is not None:
@@ -47,13 +48,17 @@ class FakeKeyd:
     def lock(self, volume: str) -> str:
         return self._request("Lock", volume)
 
+    def prepare_shutdown(self) -> list[str]:
+        self._request("PrepareShutdown", "")
+        return list(self.ends)
+
     def get_volume(self, volume: str) -> dict[str, str]:
         return {"name": volume, "state": self.outcome[0], "mountpoint": "/srv/tank",
                 "key_names": self.key_names}
 
     def wait(self, volume: str, *, until: object = FINAL_STATES, timeout: float = 300.0,
              done: object = None) -> tuple[str, str]:
-        return self.outcome
+        return self.ends.get(volume, self.outcome)
 
 
 @dataclass
@@ -225,3 +230,16 @@ def test_without_a_system_bus_keydctl_loads_no_dbus_library(tmp_path: Path) -> N
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                           text=True, check=True)
     assert done.stdout.split() == ["None", "False", "False"]
+
+
+def test_shutdown_through_keyd_reports_each_volume_and_fails_if_one_stays_open(run: Run) -> None:
+    assert run.keyd is not None
+    run.keyd.ends = {"tank": ("locked", ""),
+                     "work": ("unlocked", "busy at shutdown, left open: 42 (sh): cwd in /w")}
+    assert run("shutdown") == 1
+    assert run.keyd.calls == [("PrepareShutdown", "", {})]
+    assert run.out.getvalue() == "volume tank locked (through keyd)\n"
+    assert run.err.getvalue() == ("keydctl: volume work left open: busy at shutdown, left "
+                                  "open: 42 (sh): cwd in /w\n")
+    run.keyd.ends = {"tank": ("locked", "")}
+    assert run("shutdown") == 0

@@ -38,6 +38,7 @@ class FakeStack:
     dm: dict[str, DmMapping] = field(default_factory=dict)
     mounts: dict[str, MountEntry] = field(default_factory=dict)
     holders_found: list[Holder] = field(default_factory=list)
+    stray: bool = False  # the holders belong to no configured service
     log: list[str] = field(default_factory=list)
     fail_mount: bool = False
 
@@ -97,6 +98,13 @@ class FakeStack:
     def detach(self, label: str, device: str) -> None:
         raise AssertionError("not used")
 
+    def autoclear(self, label: str, device: str) -> None:
+        raise AssertionError("not used")
+
+    def quiesce(self, label: str, mountpoint: str) -> str:
+        self.log.append(f"quiesce {mountpoint}")
+        return f"{mountpoint}: synced, still read-write"
+
     def holders(self, paths: Sequence[str]) -> list[Holder]:
         return list(self.holders_found)
 
@@ -107,7 +115,8 @@ class Services:
 
     def stop(self, units: Sequence[str]) -> None:
         self.stack.log.append("systemctl stop " + " ".join(units))
-        self.stack.holders_found.clear()  # stopping smbd frees the volume
+        if not self.stack.stray:
+            self.stack.holders_found.clear()  # stopping smbd frees the volume
 
     def start(self, units: Sequence[str]) -> None:
         self.stack.log.append("systemctl start " + " ".join(units))
@@ -229,6 +238,26 @@ def test_lock_busy_lists_pids_then_force_stops_services(cli: Cli) -> None:
     assert cli.stack.log[-4:] == ["systemctl stop smbd.service", "umount", "close", "stop"]
     assert cli.run("lock", "tank") == 0
     assert "volume tank already locked" in cli.out.getvalue()
+
+
+def test_shutdown_without_keyd_locks_what_is_open_and_flushes_what_is_busy(cli: Cli) -> None:
+    cli.stdin = b"sesame"
+    cli.run("unlock", "tank", "--key-file", "-")
+    cli.stack.holders_found.append(Holder(4242, "smbd", "cwd in", "/srv/tank/share"))
+    assert cli.run("shutdown") == 0  # smbd is tank's service: stopped, then tank locked
+    assert cli.out.getvalue().endswith("volume tank locked\n")
+    assert cli.stack.log[-4:] == ["systemctl stop smbd.service", "umount", "close", "stop"]
+
+    cli.stdin = b"sesame"
+    cli.run("unlock", "tank", "--key-file", "-")
+    cli.stack.stray = True
+    cli.stack.holders_found.append(Holder(77, "sh", "cwd in", "/srv/tank"))
+    before = len(cli.stack.log)
+    assert cli.run("shutdown") == 1
+    assert cli.stack.log[before:] == ["systemctl stop smbd.service", "quiesce /srv/tank"]
+    err = cli.err.getvalue()
+    assert "keydctl: volume tank left open: volume tank is busy\n  pid 77 (sh): cwd in /srv/tank" \
+        in err and "keydctl:   /srv/tank: synced, still read-write" in err
 
 
 def test_status_table_and_json(cli: Cli) -> None:

@@ -466,3 +466,45 @@ def test_learned_revocations_near_their_cap_are_a_warning_in_the_audit() -> None
     h.loop.run()
     record = next(r for r in h.sink.records if r.event == "revocations-near-cap")
     assert record.priority == 4 and "holds 60000 bundle_ids" in record.message
+
+
+def test_shutdown_locks_every_open_volume_once_and_opens_nothing_after() -> None:
+    h = harness()
+    h.engine.open.add("tank")
+    h.daemon.start([])
+    h.units.calls.clear()
+
+    assert h.daemon.request_shutdown("system shutdown") == ["tank"]  # work is locked already
+    h.loop.run()
+    assert h.state("tank") == "locked" and h.engine.calls == ["lock tank (quiesce)"]
+    assert h.units.calls == ["stop keyd-unlocked@tank.target", "stop smbd.service"]
+    assert h.events()[-2:] == ["lock-started", "lock-finished"]
+
+    # A stick, a request or a passphrase now opens nothing, and no service starts.
+    h.sticks.reports.append(accepted("tank"))
+    h.daemon.handle_uevent(StickAdded(STICK))
+    assert h.daemon.request_unlock("work", KeySet.single(SecretBytes(GOOD_KEY))) == "locked"
+    h.loop.advance(3600)
+    assert h.state("tank") == "locked" and h.state("work") == "locked"
+    assert not [call for call in h.engine.calls if call.startswith("unlock")]
+    assert not [call for call in h.units.calls if call.startswith("start")]
+    assert len(h.daemon.keys) == 0
+
+
+def test_a_busy_volume_at_shutdown_is_flushed_and_left_open_at_once_with_its_holders() -> None:
+    h = harness(lock_retries=3, lock_retry_delay=5)
+    h.engine.open.add("tank")
+    h.engine.busy.append(True)
+    h.daemon.start([])
+    h.units.calls.clear()
+
+    h.daemon.request_shutdown("system shutdown")
+    h.loop.run()
+    h.loop.advance(60)
+    assert h.engine.calls == ["lock tank (quiesce)"]  # no retries: nothing to wait for
+    assert h.state("tank") == "unlocked" and "tank" in h.engine.open
+    [busy] = [r for r in h.sink.records if r.event.value == "lock-busy"]
+    assert busy.message == ("volume tank: busy at shutdown, left open: 42 (bash): cwd in "
+                            "/srv/tank; /srv/tank: synced, still read-write")
+    assert busy.result == "left-open"
+    assert not [call for call in h.units.calls if call.startswith("start")]  # no services back

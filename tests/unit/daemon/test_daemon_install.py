@@ -28,7 +28,8 @@ def test_install_puts_every_file_in_its_standard_place(tmp_path: Path) -> None:
     assert code == 0
     expected = {
         "usr/lib/systemd/system/keyd.service", "usr/lib/systemd/system/keyd-unlocked@.target",
-        "usr/lib/systemd/system/keyd-wait@.service", "usr/lib/udev/rules.d/70-keyd.rules",
+        "usr/lib/systemd/system/keyd-wait@.service", "usr/lib/systemd/system/keyd-shutdown.service",
+        "usr/lib/udev/rules.d/70-keyd.rules",
         "usr/share/dbus-1/system.d/org.keyd.Keyd1.conf", "usr/lib/systemd/catalog/keyd.catalog",
         "usr/lib/tmpfiles.d/keyd.conf", "usr/lib/sysusers.d/keyd.conf",
         "etc/keyd/keyd.toml.example",
@@ -46,6 +47,8 @@ def test_units_point_at_the_installed_programs(tmp_path: Path) -> None:
     assert "ExecStart=/opt/keyd/bin/keyd\n" in (units / "keyd.service").read_text()
     assert "ExecStart=/opt/keyd/bin/keydctl wait %i\n" in \
         (units / "keyd-wait@.service").read_text()
+    assert "ExecStop=/opt/keyd/bin/keydctl shutdown\n" in \
+        (units / "keyd-shutdown.service").read_text()
 
 
 def test_installing_twice_replaces_the_files(tmp_path: Path) -> None:

@@ -95,6 +95,8 @@ class DaemonModel(RuleBasedStateMachine):
         self.asked: dict[tuple[str, str], int] = {}
         self.since: dict[str, int] = dict.fromkeys(VOLUMES, 0)  # audit records before the newest
         self.gap: dict[str, bool] = dict.fromkeys(VOLUMES, False)  # disks gone since an unlock
+        self.down: int | None = None  # len(engine.changes) when the shutdown began
+        self.in_flight = 0  # jobs running then: they end, then their volume is locked again
         self.h.daemon.start([])
 
     def _tick(self, volume: str, *, counts: bool = True) -> int:
@@ -163,6 +165,13 @@ class DaemonModel(RuleBasedStateMachine):
         self._ask(volume, "unlock" if right else "wrong")
         self.h.daemon.request_unlock(volume, KeySet.single(SecretBytes(key)), "uid 0")
 
+    @rule()
+    def shutdown(self) -> None:
+        """The system goes down (keyd-shutdown.service): what is open is locked, for good."""
+        if self.down is None:
+            self.down, self.in_flight = len(self.h.engine.changes), len(self.h.loop.work)
+        self.h.daemon.request_shutdown("system shutdown")
+
     # -- the daemon's own pace ------------------------------------------------------------
 
     @rule()
@@ -185,6 +194,7 @@ class DaemonModel(RuleBasedStateMachine):
         self.h.loop.run()
         old = self.h.daemon
         old.stop()
+        self.down = None  # a new keyd: the shutdown did not happen after all
         self.h.daemon = Daemon(old.config, old.ports, self.h.loop)
         self.asked.clear()  # admin requests were in memory only; coldplug re-reads every stick
         coldplug = sorted(self.present, key=lambda s: s.info.devnode)
@@ -235,6 +245,16 @@ class DaemonModel(RuleBasedStateMachine):
 
     def _check(self, volume: str) -> None:
         is_open = volume in self.h.engine.open
+        if self.down is not None:
+            # Nothing opens or mends after the shutdown began (but what was under way then);
+            # only a busy volume stays open.
+            after = self.h.engine.changes[self.down:]
+            assert after.count(("open", volume)) + after.count(("mend", volume)) \
+                <= self.in_flight, (volume, after)
+            assert not is_open or any(
+                r.volume == volume and r.event == "lock-busy" and r.result == "left-open"
+                for r in self.h.sink.records), (volume, self.h.daemon.facts[volume])
+            return
         disks = volume not in self.h.engine.absent
         lock, unlock, wrong = (self.asked.get((volume, what), 0) for what in ("lock", "unlock", "wrong"))
         holders = [self.inserted[s] for s in self._holders(volume)]

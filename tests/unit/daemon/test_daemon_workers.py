@@ -41,7 +41,7 @@ class KeyRecorder:
             self.seen[layer.name] = bytes(keys.key(volume.name, layer.key, layer))
         return Outcome(volume.name, True)
 
-    def lock(self, volume: Volume, *, force: bool = False) -> Outcome:
+    def lock(self, volume: Volume, *, force: bool = False, quiesce: bool = False) -> Outcome:
         raise AssertionError("not used")
 
     def mend(self, volume: Volume, keys: KeySource) -> Outcome:

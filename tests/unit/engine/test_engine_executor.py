@@ -13,6 +13,7 @@ from keyd.engine.executor import Executor
 from keyd.engine.observed import DmMapping, MdArray, MountEntry, ObservedState, RaidMembers
 from keyd.engine.plan import (
     AssembleRaid,
+    AttachLoop,
     CloseCrypt,
     LayerRef,
     Mount,
@@ -90,6 +91,13 @@ class FakeKernel:
 
     def detach(self, label: str, device: str) -> None:
         self._do(f"detach {device}")
+
+    def autoclear(self, label: str, device: str) -> None:
+        self._do(f"autoclear {device}")
+
+    def quiesce(self, label: str, mountpoint: str) -> str:
+        self._do(f"quiesce {mountpoint}")
+        return f"{mountpoint}: synced"
 
     def holders(self, paths: Sequence[str]) -> list[Holder]:
         self.events.append(f"holders {' '.join(paths)}")
@@ -308,6 +316,28 @@ def test_busy_lock_lists_pids_and_changes_nothing() -> None:
     assert "pid 4242 (bash): cwd in /srv/tank/docs" in str(info.value)
     assert info.value.exit_code == 5 and "never kills" in str(info.value.fix)
     assert [e for e in kernel.events if not e.startswith("holders")] == []
+
+
+def test_a_busy_lock_at_shutdown_flushes_the_file_systems_top_down_and_closes_nothing() -> None:
+    kernel = FakeKernel(busy=[Holder(4242, "bash", "cwd in", "/srv/tank/docs")])
+    with pytest.raises(VolumeBusy) as info:
+        executor(kernel).lock(volume(), LOCK, ObservedState(), quiesce=True)
+    assert info.value.quiesced == ("/srv/tank: synced",)
+    assert [e for e in kernel.events if not e.startswith("holders")] == ["quiesce /srv/tank"]
+
+
+def test_loops_are_flagged_autoclear_once_the_whole_stack_is_open() -> None:
+    work = parse_config(configs.seed_003("/dev/sdb", ntfs="/w", root="/r"), "t.toml") \
+        .volume("work")
+    plan = Plan("work", (AttachLoop("img", "/w/rootfs", read_only=False),
+                         Mount("root", LayerRef("img"), "/r", "ext3", ())))
+    kernel = FakeKernel()
+    executor(kernel).unlock(work, plan)
+    assert kernel.events == ["attach /w/rootfs", "mount /dev/loop0 /r", "autoclear /dev/loop0"]
+    failing = FakeKernel(fail={"mount /dev/loop0 /r": Boom("no ext3")})
+    with pytest.raises(Boom):
+        executor(failing).unlock(work, plan)
+    assert "autoclear /dev/loop0" not in failing.events  # rolled back: keyd detaches it
 
 
 def test_force_stops_the_configured_services_first_but_never_kills() -> None:

@@ -134,11 +134,12 @@ class TreeRunner(ScriptedRunner):
 
     def run(self, argv: Sequence[str], *, secret: bytes | bytearray | None = None,
             timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,),
-            cwd: str | os.PathLike[str] | None = None) -> Completed:
+            cwd: str | os.PathLike[str] | None = None, argv0: str | None = None) -> Completed:
         if tuple(argv[:2]) == ("cryptsetup", "open"):
             reply = self.tree.open_crypt(argv, None if secret is None else bytes(secret))
             self.rules.insert(0, (tuple(argv), reply))
-        return super().run(argv, secret=secret, timeout=timeout, ok_codes=ok_codes, cwd=cwd)
+        return super().run(argv, secret=secret, timeout=timeout, ok_codes=ok_codes, cwd=cwd,
+                           argv0=argv0)
 
 
 World = tuple[KernelTree, Engine, Volume]
@@ -149,7 +150,8 @@ def world(tmp_path: Path) -> World:
     tree = KernelTree(tmp_path / "root")
     runner = TreeRunner(tree)
     storage = Storage(Cryptsetup(runner), Mdadm(runner, Retry(sleep=lambda _: None)),
-                      Mounter(runner, create_mountpoints=False), Losetup(runner))
+                      Mounter(runner, create_mountpoints=False),
+                      Losetup(runner, flag_autoclear=lambda device: None))
     engine = Engine(KernelObserver(runner, tree.root), storage, ProcHolders(tree.root),
                     Systemctl(runner), run_dir=str(tmp_path / "run"))
     volume = parse_config(configs.luks_on_raid(UUID, volume="nas", md_name="md0",

@@ -54,7 +54,7 @@ class RecordingRunner:
 
     def run(self, argv: Sequence[str], *, secret: bytes | bytearray | None = None,
             timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,),
-            cwd: str | os.PathLike[str] | None = None) -> Completed:
+            cwd: str | os.PathLike[str] | None = None, argv0: str | None = None) -> Completed:
         self.argv = list(argv)
         self.stdin = bytes(secret or b"")
         self.new_key = Path(argv[-1]).read_bytes()

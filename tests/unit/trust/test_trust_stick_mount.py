@@ -27,7 +27,7 @@ class FakeMountRunner:
 
     def run(self, argv: Sequence[str], *, secret: bytes | bytearray | None = None,
             timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,),
-            cwd: str | os.PathLike[str] | None = None) -> Completed:
+            cwd: str | os.PathLike[str] | None = None, argv0: str | None = None) -> Completed:
         argv = list(argv)
         self.calls.append(argv)
         joined = " ".join(argv)
