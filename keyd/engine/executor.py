@@ -120,13 +120,18 @@ class Executor:
         except BaseException as error:
             self._rollback(run, error)
             raise
-        # Only now that what sits on them holds them open: a loop device then goes by itself
-        # when its file system is unmounted, by keyd or by systemd at power-off, so the file
-        # system holding its image can be unmounted next.
-        for step, device in run.opened:
-            if isinstance(step, AttachLoop) and device:
-                self.storage.loops.autoclear(_label(volume.name, step.layer), device)
+        self._autoclear(volume, run)
         return run.devices
+
+    def _autoclear(self, volume: Volume, run: _Run) -> None:
+        """Loop devices a file system of this run is mounted on go by themselves when it is
+        unmounted (by keyd, or by systemd at power-off), so the file system holding the image
+        can be unmounted next. Only those: the flag detaches a loop device at once if nothing
+        holds it open (in the initramfs, the root's loop device waits for initramfs-tools)."""
+        mounted = {_resolve(step.source, run) for step, _ in run.opened if isinstance(step, Mount)}
+        for step, device in run.opened:
+            if isinstance(step, AttachLoop) and device in mounted:
+                self.storage.loops.autoclear(_label(volume.name, step.layer), device)
 
     def _timed(self, step: Step, action: Callable[[], None]) -> None:
         text = step.describe()

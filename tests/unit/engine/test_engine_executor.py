@@ -338,6 +338,11 @@ def test_loops_are_flagged_autoclear_once_the_whole_stack_is_open() -> None:
     with pytest.raises(Boom):
         executor(failing).unlock(work, plan)
     assert "autoclear /dev/loop0" not in failing.events  # rolled back: keyd detaches it
+    # Nothing of this run mounted on it (the initramfs leaves the root to initramfs-tools):
+    # the flag would detach it at once.
+    below = FakeKernel()
+    executor(below).unlock(work, Plan("work", plan.steps[:1]))
+    assert below.events == ["attach /w/rootfs"]
 
 
 def test_force_stops_the_configured_services_first_but_never_kills() -> None:
