@@ -42,7 +42,9 @@ DEB_PACKAGES = ("dpkg-dev", "fakeroot", "lintian")
 # Needed by the QEMU lab: the guest runs the host's root read-only, so the
 # guest's tools (systemd, udev, dbus, mkfs...) are installed on the host too.
 LAB_PACKAGES = ("qemu-system-x86", "qemu-utils", "busybox-static", "kmod", "cpio", "udev", "dbus",
-                "systemd", "mtools", "squashfs-tools", "lsof")
+                "systemd", "mtools", "squashfs-tools", "lsof",
+                # mkinitramfs in the guest: the root file system unlocked at boot (keyd(8), BOOT)
+                "initramfs-tools")
 # ZFS in the lab (from Debian's contrib, which `make apt` enables): the guest's zpool/zfs come from
 # the host's zfsutils-linux; dkms, gcc-12, libc6-dev, make and file build the module
 # (keyd_lab/zfs.py). zfs-dkms itself is only downloaded and extracted, so its postinst never

@@ -11,6 +11,7 @@ import ctypes
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -304,3 +305,73 @@ def _stick_at_boot(stick: StickSpec) -> list[str]:
             "-device", f"usb-bot,id={bot},bus=xhci.0,serial={stick.serial}",
             "-device", f"scsi-hd,id={bot}-lun,bus={bot}.0,drive={node},"
                        f"vendor={stick.vendor[:8]},product={stick.product[:16]},removable=on"]
+
+
+def direct_boot_argv(kernel: Kernel, initrd: Path, run_dir: Path, append: str, *,
+                     disks: Sequence[tuple[Path, str]], sticks: Sequence[StickSpec]) -> list[str]:
+    """QEMU for a boot of ``initrd`` itself (no lab init, no agent): one serial console,
+    virtio disks (image, serial) and USB sticks present from power-on."""
+    argv = [QEMU, "-machine", "pc,accel=tcg", "-cpu", "qemu64", "-smp", "1", "-m", "1024",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(kernel.vmlinux), "-initrd", str(initrd), "-append", append,
+            "-chardev", f"socket,id=con,path={run_dir}/console.sock,server=on,wait=off,"
+                        f"logfile={run_dir}/console.log",
+            "-serial", "chardev:con", "-device", "qemu-xhci,id=xhci"]
+    for image, serial in disks:
+        node = node_id("disk", serial)
+        argv += ["-blockdev", f"driver=raw,node-name={node},file.driver=file,"
+                              f"file.filename={image.resolve()}",
+                 "-device", f"virtio-blk-pci,drive={node},serial={serial}"]
+    for stick in sticks:
+        argv += _stick_at_boot(stick)
+    return argv
+
+
+def boot_until_power_off(argv: Sequence[str], run_dir: Path, *, timeout: float,
+                         answer: tuple[str, str] | None = None) -> str:
+    """Run QEMU until the guest powers off (or ``timeout``); the console's text. ``answer``:
+    (prompt, line) typed on the console once the prompt appeared."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "qemu.log").open("wb") as log:
+        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)  # noqa: PLW1509
+    try:
+        if answer is not None:
+            _type_on_console(run_dir / "console.sock", *answer, deadline=time.monotonic() + timeout)
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LabError(f"the guest did not power off within {timeout:g} s:\n"
+                       + _tail(run_dir / "console.log")) from None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return (run_dir / "console.log").read_text(errors="replace")
+
+
+def _type_on_console(sock_path: Path, prompt: str, line: str, *, deadline: float) -> None:
+    while not sock_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as console:
+        console.connect(str(sock_path))
+        console.settimeout(1.0)
+        seen = b""
+        while prompt.encode() not in seen:
+            if time.monotonic() >= deadline:
+                raise LabError(f"the console never asked {prompt!r}")
+            try:
+                chunk = console.recv(4096)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise LabError(f"the console closed before asking {prompt!r}")
+            seen = seen[-4096:] + chunk
+        # As a person types: the emulated UART's 16-byte FIFO drops what a burst overruns.
+        for byte in line.encode() + b"\n":
+            console.sendall(bytes([byte]))
+            time.sleep(0.05)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    text = path.read_text(errors="replace") if path.exists() else "(no console output)"
+    return "\n".join(text.splitlines()[-lines:])

@@ -57,12 +57,12 @@ def trust_header(signers: Sequence[str] | None = None, *, gnupghome: str | Path 
 
 def volume_table(volume: str, *, services: Sequence[str] | None = None,
                  description: str | None = None,
-                 policy: Mapping[str, Value] | None = None) -> str:
+                 policy: Mapping[str, Value] | None = None, boot: str | None = None) -> str:
     """``[volume.VOLUME]`` with the volume's own keys (``policy``: its daemon keys), or nothing
     when it has none."""
-    if services is None and description is None and not policy:
+    if services is None and description is None and not policy and boot is None:
         return ""
-    return table(f"volume.{volume}", services=services, description=description,
+    return table(f"volume.{volume}", services=services, description=description, boot=boot,
                  **(policy or {}))
 
 
@@ -78,10 +78,12 @@ def crypt_layer(volume: str, name: str, crypt: Crypt, **where: Value | None) -> 
 
 def crypt_mount(volume: str, device: str, crypt: Crypt, *, fstype: str, mountpoint: str,
                 names: tuple[str, str] = ("crypt", "data"), options: Sequence[str] | None = None,
-                services: Sequence[str] | None = None, description: str | None = None) -> str:
+                services: Sequence[str] | None = None, description: str | None = None,
+                policy: Mapping[str, Value] | None = None, boot: str | None = None) -> str:
     """A crypt layer on ``device`` and a filesystem in it."""
     encrypted, filesystem = names
-    return (volume_table(volume, services=services, description=description)
+    return (volume_table(volume, services=services, description=description, policy=policy,
+                         boot=boot)
             + crypt_layer(volume, encrypted, crypt, device=device)
             + layer(volume, filesystem, "mount", below=[encrypted], fstype=fstype,
                     mountpoint=mountpoint, options=options))
@@ -167,10 +169,13 @@ def seed_002(disk1: str, disk2: str, *, volume: str = "secretpool",
 
 
 def seed_003(device: str, *, volume: str = "work", ntfs: str = "/media/winroot",
-             root: str = "/srv/debian", description: str | None = None) -> str:
-    """Seed 003: TrueCrypt -> NTFS (ntfs-3g) -> an ext3 image; layers tc -> ntfs -> img -> root."""
+             root: str = "/srv/debian", description: str | None = None,
+             policy: Mapping[str, Value] | None = None) -> str:
+    """Seed 003: TrueCrypt -> NTFS (ntfs-3g) -> an ext3 image; layers tc -> ntfs -> img -> root.
+    With ``root = "/"`` the image is the root file system (boot = "root"), as in the seed."""
     return (crypt_mount(volume, device, TCRYPT, names=("tc", "ntfs"), fstype="ntfs-3g",
-                        mountpoint=ntfs, description=description)
+                        mountpoint=ntfs, description=description, policy=policy,
+                        boot="root" if root == "/" else None)
             + image_mount(volume, "ntfs", mountpoint=root))
 
 

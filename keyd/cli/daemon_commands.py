@@ -32,6 +32,11 @@ FILES: tuple[tuple[str, str, bool], ...] = (
     ("systemd/keyd-wait@.service", f"{_UNIT_DIR}/keyd-wait@.service", True),
     ("systemd/keyd-shutdown.service", f"{_UNIT_DIR}/keyd-shutdown.service", True),
     ("udev/70-keyd.rules", "usr/lib/udev/rules.d/70-keyd.rules", False),
+    ("initramfs-tools/hooks/keyd", "usr/share/initramfs-tools/hooks/keyd", True),
+    ("initramfs-tools/scripts/local-top/keyd",
+     "usr/share/initramfs-tools/scripts/local-top/keyd", False),
+    ("initramfs-tools/scripts/init-bottom/keyd",
+     "usr/share/initramfs-tools/scripts/init-bottom/keyd", False),
     ("systemd/org.keyd.Keyd1.conf", "usr/share/dbus-1/system.d/org.keyd.Keyd1.conf", False),
     ("systemd/keyd.catalog", "usr/lib/systemd/catalog/keyd.catalog", False),
     ("systemd/tmpfiles.d/keyd.conf", "usr/lib/tmpfiles.d/keyd.conf", False),
@@ -76,13 +81,14 @@ def plan_install(source: Path, root: Path, bindir: str) -> list[Item]:
 
 
 def write_atomically(item: Item) -> None:
-    """Write one file (0644) via a temporary file and rename, creating directories."""
+    """Write one file (0644, or 0755 if its source is executable: initramfs-tools' hooks and
+    scripts) via a temporary file and rename, creating directories."""
     item.destination.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=item.destination.parent, prefix=".keyd-install-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as stream:
             stream.write(item.text)
-        os.chmod(temp, 0o644)
+        os.chmod(temp, 0o755 if os.access(item.source, os.X_OK) else 0o644)
         os.replace(temp, item.destination)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

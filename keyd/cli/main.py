@@ -22,13 +22,16 @@ VOLUME_COMMANDS = "keyd.cli.volume_commands"
 TRUST_COMMANDS = "keyd.cli.trust_commands"
 AUDIT_COMMANDS = "keyd.cli.audit_commands"
 DAEMON_COMMANDS = "keyd.cli.daemon_commands"
+BOOT_COMMANDS = "keyd.cli.boot_commands"
 # Each verb and the module that registers it. Only the module of the verb given is
 # imported (the daemon's D-Bus stack costs more than `status` itself); --help loads all.
 COMMANDS = {
-    "unlock": VOLUME_COMMANDS, "lock": VOLUME_COMMANDS, "status": VOLUME_COMMANDS,
+    "unlock": VOLUME_COMMANDS, "lock": VOLUME_COMMANDS, "shutdown": VOLUME_COMMANDS,
+    "status": VOLUME_COMMANDS,
     "doctor": VOLUME_COMMANDS, "check-config": VOLUME_COMMANDS,
     "enroll": TRUST_COMMANDS, "verify": TRUST_COMMANDS, "revoke": TRUST_COMMANDS,
     "audit": AUDIT_COMMANDS, "install": DAEMON_COMMANDS, "wait": DAEMON_COMMANDS,
+    "initramfs-hook": BOOT_COMMANDS,
 }
 # In the order their verbs appear in --help.
 COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -196,7 +197,8 @@ def _shutdown(args: argparse.Namespace) -> int:
     if link is not None:
         return remote.shutdown(link, args, env)
     engine, left_open = _engine(env, args), 0
-    for volume in reversed(load_config(args.config).volumes):  # the last configured first
+    # The last configured first; the root file system's volume stays (keyd(8), BOOT).
+    for volume in [v for v in reversed(load_config(args.config).volumes) if v.boot != "root"]:
         try:
             if engine.lock(volume, force=True, quiesce=True).changed:
                 print(f"volume {volume.name} locked", file=env.stdout)
@@ -227,7 +229,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from keyd.engine import doctor  # noqa: PLC0415 (see module doc)
+    from keyd.boot.doctor import check_boot  # noqa: PLC0415 (see module doc)
+    from keyd.engine import doctor  # noqa: PLC0415
+    from keyd.engine.status import report  # noqa: PLC0415
 
     env = _env(args)
     findings: list[doctor.Finding] = []
@@ -241,8 +245,11 @@ def _doctor(args: argparse.Namespace) -> int:
     findings += doctor.check_programs(env.runner, doctor.needed_programs(config))
     findings += doctor.check_modules(env.runner, doctor.needed_modules(config), env.root)
     findings += doctor.check_hashes(env.runner, config)
-    findings += doctor.check_devices(config, env.observer.observe(config.volumes))
+    observed = env.observer.observe(config.volumes)
+    findings += doctor.check_devices(config, observed)
     findings += doctor.check_last_resort(config, env.root)
+    findings += check_boot(config, env.root, os.uname().release,
+                           {v.name: report(v, observed) for v in config.volumes})
     findings.append(doctor.check_run_dir(args.run_dir))
     findings.append(doctor.check_state_dir(DEFAULT_STATE_DIR))
     print(doctor.render(findings), end="", file=env.stdout)

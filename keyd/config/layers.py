@@ -236,15 +236,15 @@ def parse_loop(name: str, table: Table) -> LoopLayer:
 def parse_mount(name: str, table: Table) -> MountLayer:
     """``kind = "mount"``: fstype, absolute mountpoint, options; device or below."""
     mountpoint = table.req_text("mountpoint")
-    if not mountpoint.startswith("/") or mountpoint == "/" or ".." in mountpoint.split("/"):
+    if not mountpoint.startswith("/") or ".." in mountpoint.split("/"):
         raise table.error("mountpoint", f"mountpoint {mountpoint!r} is not an absolute path",
-                          'use an absolute directory such as "/srv/tank" (not "/")')
+                          'use an absolute directory such as "/srv/tank"')
     options = table.text_list("options")
     if any("," in option or not option for option in options):
         raise table.error("options", "each mount option is its own list item",
                           'write options = ["noatime", "nodev"], not "noatime,nodev"')
     layer = MountLayer(name=name, fstype=table.req_text("fstype"),
-                       mountpoint=mountpoint.rstrip("/"), options=options,
+                       mountpoint=mountpoint.rstrip("/") or "/", options=options,
                        device=device_path(table), below=_below(table))
     if (layer.device is None) == (not layer.below):
         raise table.error(None, "a mount layer needs exactly one of device or below",

@@ -182,6 +182,8 @@ class Volume:
     services: tuple[str, ...] = ()
     description: str = ""
     policy: VolumePolicy = VolumePolicy()
+    # "root": the root file system; the initramfs opens the layers below it (keyd(8), BOOT).
+    boot: str = ""
 
     def layer(self, name: str) -> Layer:
         """The layer called ``name``; a missing name is a programming error."""

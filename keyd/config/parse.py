@@ -134,13 +134,32 @@ def _volume(source: Source, name: str, body: Any, defaults: VolumePolicy) -> Vol
             raise table.error("services", f"{unit!r} is not a systemd unit name",
                               'write full unit names such as "smbd.service"')
     description = table.text("description") or ""
+    boot = table.text("boot") or ""
+    if boot not in ("", "root"):
+        raise table.error("boot", f"boot = {boot!r} is not known",
+                          'boot = "root" marks the root file system\'s volume; otherwise leave '
+                          "it out")
     policy = volume_policy(table, defaults)
     layers = {lname: _layer(source, name, lname, lbody)
               for lname, lbody in table.subtable("layer").items()}
     table.done()
     ordered, top = order_layers(source, name, layers)
+    _check_root(table, boot, layers, top)
     return Volume(name=name, layers=ordered, top=top, services=services,
-                  description=description, policy=policy)
+                  description=description, policy=policy, boot=boot)
+
+
+def _check_root(table: Table, boot: str, layers: dict[str, Layer], top: str) -> None:
+    """The root file system is the top of a boot = "root" volume, and only there."""
+    root = [n for n, layer in layers.items()
+            if isinstance(layer, MountLayer) and layer.mountpoint == "/"]
+    top_layer = layers[top]
+    if boot == "root" and not (isinstance(top_layer, MountLayer) and top_layer.mountpoint == "/"):
+        raise table.error("boot", 'a boot = "root" volume has the root file system on top',
+                          f'make its top layer {top!r} a mount layer with mountpoint = "/"')
+    if root and boot != "root":
+        raise table.error(None, f'layer {root[0]} mounts "/": only the root file system\'s '
+                                "volume may", 'add boot = "root" to the volume (keyd(8), BOOT)')
 
 
 def _layer(source: Source, volume: str, name: str, body: Any) -> Layer:
@@ -165,6 +184,10 @@ def _layer(source: Source, volume: str, name: str, body: Any) -> Layer:
 
 
 def _check_across(source: Source, volumes: tuple[Volume, ...]) -> None:
+    roots = [volume.name for volume in volumes if volume.boot == "root"]
+    if len(roots) > 1:
+        raise source.error(f"volume.{roots[1]}", "boot", 'only one volume has boot = "root"',
+                           f"volume {roots[0]} holds the root file system already")
     # Two layers claiming one device, array or mountpoint would fight each other.
     seen: dict[tuple[str, str], str] = {}
     for volume in volumes:

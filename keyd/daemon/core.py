@@ -478,7 +478,11 @@ class Daemon:
     def request_shutdown(self, by: str) -> list[str]:
         """The system goes down: lock every open volume, open nothing from now on. Returns
         the volumes that are still being worked on (``keydctl shutdown`` waits for them)."""
-        self.broadcast(ev.ShutdownStarted(by, self._next()))
+        # The root file system's volume stays: systemd-shutdown remounts the root read-only
+        # last, and its FUSE driver, a root storage daemon, outlives that (keyd(8), BOOT).
+        seq = self._next()
+        for volume in [v for v in self.volumes.values() if v.boot != "root"]:
+            self.dispatch(volume.name, ev.ShutdownStarted(by, seq))
         return [v for v in self.facts if self.state(v) in ("locking", "unlocking")]
 
     def _next(self) -> int:

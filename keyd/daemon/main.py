@@ -19,6 +19,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gi.repository import GLib
@@ -29,6 +30,7 @@ from keyd.adapters.cryptsetup import Cryptsetup
 from keyd.adapters.system import ProcHolders, Systemctl
 from keyd.adapters.zfs import Zpool
 from keyd.audit.sink import JournalSink
+from keyd.boot.records import BOOT_AUDIT, forward_records
 from keyd.config.model import DEFAULT_CONFIG, Config
 from keyd.config.parse import load_config
 from keyd.daemon.adapters import AskPassword, SystemctlUnits, SystemdUnits, TrustChecker
@@ -188,6 +190,7 @@ def main(argv: Sequence[str] | None = None, notify: Notify = sd_notify) -> int:
     except GLib.Error as exc:
         print(f"keyd: cannot use D-Bus: {exc.message}", file=sys.stderr)
         return 1
+    forward_records(Path(args.run_dir) / BOOT_AUDIT, runtime.daemon.audit)
     run(runtime, notify, args.ready_timeout)
     return 0
 

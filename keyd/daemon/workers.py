@@ -28,6 +28,7 @@ from keyd.engine.keys import MappingKeys
 from keyd.engine.status import VolumeReport
 from keyd.errors import KeydError, ProgramError, user_message
 from keyd.trust.errors import TrustError
+from keyd.trust.secret import KeySet
 
 log = logging.getLogger("keyd.daemon")
 
@@ -72,11 +73,16 @@ def _keys(volume: Volume, store: KeyStore, ref: str | None) -> MappingKeys:
         return MappingKeys({})
     held = store.get(ref)
     signed = [v.entry.volume_uuid for v in held.report.verdicts] if held.report else []
+    return mapping_keys(volume, held.keys, next((uuid for uuid in signed if uuid), None))
+
+
+def mapping_keys(volume: Volume, keys: KeySet, volume_uuid: str | None) -> MappingKeys:
+    """``keys`` as the engine takes them: per key name of ``volume``, with its keyfiles."""
     return MappingKeys({name: secret.buffer for name in volume.key_names
-                        if (secret := held.keys.get(name)) is not None},
-                       next((uuid for uuid in signed if uuid), None),
+                        if (secret := keys.get(name)) is not None},
+                       volume_uuid,
                        {name: [keyfile.buffer for keyfile in files] for name in volume.key_names
-                        if (files := held.keys.keyfiles_for(name))})
+                        if (files := keys.keyfiles_for(name))})
 
 
 def still_degraded(engine: VolumeEngine, volume: Volume) -> bool:

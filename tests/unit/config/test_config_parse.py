@@ -209,7 +209,7 @@ def layer_error(body: str, extra: str = "") -> ConfigError:
     ("kind='loop'\nimage='/abs/rootfs'\nbelow=['m']", "image", "inside the layer below"),
     ("kind='mount'\nfstype='ext4'\nmountpoint='mnt/x'\ndevice='/dev/sdb'", "mountpoint",
      "absolute"),
-    ("kind='mount'\nfstype='ext4'\nmountpoint='/'\ndevice='/dev/sdb'", "mountpoint",
+    ("kind='mount'\nfstype='ext4'\nmountpoint='/../x'\ndevice='/dev/sdb'", "mountpoint",
      "absolute"),
     ("kind='mount'\nfstype='ext4'\nmountpoint='/x'\ndevice='/dev/sdb'\noptions=['a,b']",
      "options", "own list item"),

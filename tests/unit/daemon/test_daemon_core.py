@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 from keyd.daemon.uevents import MemberAdded, StickAdded, StickGone, StickInfo
 from keyd.engine.errors import DegradedRefused, DevicesMissing, StorageError
@@ -508,3 +509,14 @@ def test_a_busy_volume_at_shutdown_is_flushed_and_left_open_at_once_with_its_hol
                             "/srv/tank; /srv/tank: synced, still read-write")
     assert busy.result == "left-open"
     assert not [call for call in h.units.calls if call.startswith("start")]  # no services back
+
+
+def test_the_root_file_systems_volume_is_not_locked_at_shutdown() -> None:
+    h = harness()
+    h.engine.open |= {"tank", "work"}
+    h.daemon.volumes["work"] = replace(h.daemon.volumes["work"], boot="root")
+    h.daemon.start([])
+    assert h.daemon.request_shutdown("system shutdown") == ["tank"]
+    h.loop.run()
+    assert h.state("work") == "unlocked" and "work" in h.engine.open
+    assert "lock work (quiesce)" not in h.engine.calls

@@ -23,13 +23,18 @@ def run_install(*argv: str) -> tuple[int, str]:
     return args.func(args), out.getvalue()
 
 
+INITRAMFS = ("usr/share/initramfs-tools/hooks/keyd",
+             "usr/share/initramfs-tools/scripts/local-top/keyd",
+             "usr/share/initramfs-tools/scripts/init-bottom/keyd")
+
+
 def test_install_puts_every_file_in_its_standard_place(tmp_path: Path) -> None:
     code, out = run_install("--root", str(tmp_path), "--bindir", "/opt/keyd/bin")
     assert code == 0
     expected = {
         "usr/lib/systemd/system/keyd.service", "usr/lib/systemd/system/keyd-unlocked@.target",
         "usr/lib/systemd/system/keyd-wait@.service", "usr/lib/systemd/system/keyd-shutdown.service",
-        "usr/lib/udev/rules.d/70-keyd.rules",
+        "usr/lib/udev/rules.d/70-keyd.rules", *INITRAMFS,
         "usr/share/dbus-1/system.d/org.keyd.Keyd1.conf", "usr/lib/systemd/catalog/keyd.catalog",
         "usr/lib/tmpfiles.d/keyd.conf", "usr/lib/sysusers.d/keyd.conf",
         "etc/keyd/keyd.toml.example",
@@ -38,7 +43,8 @@ def test_install_puts_every_file_in_its_standard_place(tmp_path: Path) -> None:
     found = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
     assert found == expected
     assert out.count("installed ") == len(expected) and "daemon-reload" not in out
-    assert all((tmp_path / name).stat().st_mode & 0o777 == 0o644 for name in expected)
+    assert all((tmp_path / name).stat().st_mode & 0o777 == (0o755 if name in INITRAMFS else 0o644)
+               for name in expected)
 
 
 def test_units_point_at_the_installed_programs(tmp_path: Path) -> None:
@@ -49,6 +55,8 @@ def test_units_point_at_the_installed_programs(tmp_path: Path) -> None:
         (units / "keyd-wait@.service").read_text()
     assert "ExecStop=/opt/keyd/bin/keydctl shutdown\n" in \
         (units / "keyd-shutdown.service").read_text()
+    hook = tmp_path / "usr/share/initramfs-tools/hooks/keyd"
+    assert "$(/opt/keyd/bin/keydctl initramfs-hook " in hook.read_text()
 
 
 def test_installing_twice_replaces_the_files(tmp_path: Path) -> None:

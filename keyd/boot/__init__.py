@@ -1,0 +1,1 @@
+"""keyd before the root file system is mounted: the initramfs-tools boot script and hook."""
