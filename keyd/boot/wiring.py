@@ -47,18 +47,29 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     started = time.monotonic()
     timeout = volume.policy.key_timeout if args.timeout is None else args.timeout
     found = wait_for_stick(volume, runner, checker, timeout=timeout, say=say)
-    if found is not None:
-        outcome = _open(engine, below, found)
-        if found.report is not None:
-            checker.commit(found.report)
-    else:
-        say("no key stick: asking for the passphrase on the console")
-        found, outcome = _with_passphrase(engine, below, volume, args.console, say)
-    device = _device(below, outcome)
+    opened = _with_stick(engine, below, found, checker, say) if found is not None else None
+    if found is None or opened is None:
+        say("no key stick opened it: asking for the passphrase on the console")
+        found, opened = _with_passphrase(engine, below, volume, args.console, say)
+    device = _device(below, opened)
     say(f"volume {volume.name} unlocked; the root file system is {device}")
     write_outputs(args, volume, device, root,
                   boot_record(volume.name, found, time.monotonic() - started))
     return 0
+
+
+def _with_stick(engine: Engine, below: Volume, found: Found, checker: TrustChecker,
+                say: Callable[[str], None]) -> Outcome | None:
+    """Open with the stick's key and record the generation it used; None if the key is wrong
+    (a bundle enrolled with an old passphrase): the console is asked then."""
+    try:
+        outcome = _open(engine, below, found)
+    except KeyRejected as exc:
+        say(exc.message)
+        return None
+    if found.report is not None:
+        checker.commit(found.report)
+    return outcome
 
 
 def _open(engine: Engine, below: Volume, found: Found) -> Outcome:
