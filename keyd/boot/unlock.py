@@ -118,6 +118,7 @@ def key_from_sticks(volume: str, sticks: Sequence[StickInfo], checker: StickChec
         for verdict in report.accepted:
             if verdict.entry.volume == volume and verdict.keys is not None:
                 return Found(verdict.keys, "stick", stick, report, verdict.entry.volume_uuid)
+        report.wipe()  # keys for other volumes: not needed here
         say(f"stick {stick.key} has no accepted key for volume {volume}")
     return None
 

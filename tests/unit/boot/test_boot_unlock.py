@@ -105,6 +105,9 @@ def test_the_first_stick_with_an_accepted_key_for_the_volume_wins() -> None:
     assert found is not None and found.stick == sticks[2] and found.source == "stick"
     assert said[0].startswith("stick Sa refused: ")
     assert said[1] == "stick Sb has no accepted key for volume work"
+    other = checker.reports["/dev/sdb1"]
+    assert all(v.keys is None or not any(bytes(s.buffer) for s in v.keys._secrets.values())
+               for v in other.verdicts)  # type: ignore[attr-defined]  # wiped
 
 
 def test_waiting_for_a_stick_checks_each_stick_once_and_gives_up_at_the_timeout() -> None:
