@@ -25,7 +25,11 @@ from keyd.boot.unlock import (
 )
 from keyd.config.model import MountLayer
 from keyd.config.parse import parse_config
+from keyd.daemon.events import Observed
 from keyd.daemon.uevents import StickInfo
+from keyd.daemon.workers import observed as observed_event
+from keyd.engine.observed import DmMapping, LoopDevice, MountEntry, ObservedState
+from keyd.engine.status import report
 from keyd.errors import ConfigError
 from keyd.trust.secret import SecretBytes
 from tests import configs
@@ -167,3 +171,19 @@ def test_keyd_journals_the_boot_records_once_and_survives_a_broken_file(tmp_path
     assert not path.exists() and forward_records(path, audit) == 0
     path.write_text("{not json")
     assert forward_records(path, audit) == 0 and not path.exists()
+
+
+def test_keyd_sees_the_booted_stack_as_unlocked_with_the_root_on_top() -> None:
+    """What keyd.service finds after such a boot (the kernel state the lab's boot left): the
+    volume is unlocked, so the daemon's start-up adopts it (Observed "unlocked")."""
+    volume = root_volume(parse_config(SEED_003_ROOT, "keyd.toml"))
+    observed = ObservedState(
+        dm=(DmMapping("dm-0", "keyd-work-tc", "CRYPT-TCRYPT-keyd-work-tc", ("vda",)),),
+        loops=(LoopDevice("loop0", "/media/winroot/rootfs", read_only=False),),
+        mounts=(MountEntry(27, 1, "7:0", "/", "/", "ext3", "/dev/loop0", source_kname="loop0"),
+                MountEntry(26, 27, "0:40", "/", "/media/winroot", "fuseblk",
+                           "/dev/mapper/keyd-work-tc", source_kname="dm-0")),
+        paths={"/dev/disk/by-id/virtio-TC": "vda"})
+    seen = report(volume, observed)
+    assert seen.state == "unlocked", seen
+    assert observed_event(seen) == Observed("unlocked")
