@@ -25,14 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # root on the path they import tests.configs, which is not installed.
 sys.path.insert(0, str(ROOT))
 
-from keyd.adapters.block import Losetup, Mdadm, Mounter  # noqa: E402
-from keyd.adapters.cryptsetup import Cryptsetup  # noqa: E402
-from keyd.adapters.system import ProcHolders, Systemctl  # noqa: E402
-from keyd.adapters.zfs import Zpool  # noqa: E402
+from keyd.adapters.real import real_engine  # noqa: E402
 from keyd.config.model import Volume  # noqa: E402
 from keyd.engine.executor import KeySource  # noqa: E402
-from keyd.engine.observe import KernelObserver  # noqa: E402
-from keyd.engine.ports import Storage  # noqa: E402
 from keyd.engine.service import Engine  # noqa: E402
 from keyd.runner import SubprocessRunner, Timing  # noqa: E402
 from keyd_lab.build import new_run_dir, prepare  # noqa: E402
@@ -45,11 +40,7 @@ BENCH_DIR = str(ROOT / "benchmarks")
 
 def engine(work: str, timing: Timing) -> Engine:
     """keyd's Engine with every real adapter (zpool included), runner timed by ``timing``."""
-    runner = SubprocessRunner(timing)
-    storage = Storage(Cryptsetup(runner), Mdadm(runner), Mounter(runner), Losetup(runner),
-                      Zpool(runner))
-    return Engine(KernelObserver(runner), storage, ProcHolders(), Systemctl(runner),
-                  run_dir=f"{work}/run")
+    return real_engine(SubprocessRunner(timing), run_dir=f"{work}/run")
 
 
 def unlock_rounds(work: str, volume: Volume, keys: KeySource,

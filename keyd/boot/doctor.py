@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from keyd.boot.hook import files_under
 from keyd.config.model import Config
 from keyd.engine.doctor import Finding
 from keyd.engine.status import VolumeReport
@@ -34,7 +35,7 @@ def _initramfs(config: Config, root: Path, release: str) -> Finding:
     if not image.exists():
         return Finding("fail", "boot", f"/boot/initrd.img-{release} is missing", REBUILD)
     copied = [Path(config.file), root / config.trust.revocations.lstrip("/"),
-              *_files(root / config.trust.gnupghome.lstrip("/"))]
+              *files_under(root / config.trust.gnupghome.lstrip("/"))]
     newer = [str(p) for p in copied if p.exists() and p.stat().st_mtime > image.stat().st_mtime]
     if newer:
         return Finding("fail", "boot", f"/boot/initrd.img-{release} is older than "
@@ -51,8 +52,3 @@ def _stack(name: str, report: VolumeReport | None) -> Finding:
     return Finding("warn", "boot", f"the root volume {name} is {state}: this system did not "
                                    "boot from it", f"see `keydctl status {name}`")
 
-
-def _files(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    return [p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("S.")]

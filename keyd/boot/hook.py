@@ -26,12 +26,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from keyd.boot.unlock import NoRootVolume, root_volume
-from keyd.config.model import Config, MountLayer, RaidLayer
+from keyd.config.model import Config, Volume
 from keyd.config.parse import load_config
+from keyd.engine import doctor
 from keyd.errors import ProgramMissing
 from keyd.programs import PROGRAMS as PROGRAMS_BY_NAME
 from keyd.trust.settings import DEFAULT_STATE_DIR
@@ -44,7 +45,7 @@ ENTRY_MODULES = ("keyd.boot.unlock", "keyd.boot.wiring", "keyd.trust.gpg",
                  "encodings.utf_8_sig", "encodings.idna", "encodings.cp437",
                  "encodings.unicode_escape", "encodings.raw_unicode_escape")
 UNLOCK_COMMAND = "usr/lib/keyd/initramfs-unlock"
-PROGRAMS = ("cryptsetup", "gpg", "gpg-agent", "udevadm")
+PROGRAMS = ("gpg", "gpg-agent", "udevadm")
 # busybox's applets of these names are in the image first (and initramfs-tools never copies
 # over a file), but lack options keyd uses: keyd's copies go to a directory of its own.
 SHADOWED = ("mount", "umount", "losetup", "sync")
@@ -96,42 +97,38 @@ def _parents(modules: Iterable[str]) -> set[str]:
     return {name.rsplit(".", i)[0] for name in modules for i in range(1, name.count(".") + 1)}
 
 
-def needed_programs(config: Config) -> list[str]:
-    """Programs for the root volume's layers, besides keyd's own (PROGRAMS)."""
-    volume = root_volume(config)
-    extra = ["ntfs-3g"] if any(isinstance(layer, MountLayer) and layer.fstype == "ntfs-3g"
-                               for layer in volume.layers) else []
-    extra += ["mdadm"] if any(isinstance(layer, RaidLayer) for layer in volume.layers) else []
-    return [*PROGRAMS, *extra]
+def programs(volume: Volume) -> list[str]:
+    """What keyd runs in the initramfs: the stack's programs (as keydctl doctor lists them),
+    gpg for the bundles and udevadm for the sticks."""
+    return list(dict.fromkeys([*doctor.needed_programs(_alone(volume)), *PROGRAMS, *SHADOWED]))
 
 
-def needed_modules(config: Config) -> list[str]:
-    """Kernel modules for the root volume's file systems, besides keyd's own (MODULES)."""
-    volume = root_volume(config)
-    fstypes = {layer.fstype for layer in volume.layers if isinstance(layer, MountLayer)}
-    extra = sorted({"ext4" if t in ("ext2", "ext3") else t for t in fstypes
-                    if t not in ("ntfs-3g", "ntfs")})
-    extra += ["raid1", "raid456", "md_mod"] if any(
-        isinstance(layer, RaidLayer) for layer in volume.layers) else []
-    return [*MODULES, *extra]
+def modules(volume: Volume) -> list[str]:
+    """Kernel modules: the stack's (as keydctl doctor lists them) and the stick's (MODULES)."""
+    return list(dict.fromkeys([*MODULES, *doctor.needed_modules(_alone(volume))]))
+
+
+def _alone(volume: Volume) -> Config:
+    return Config(file="", volumes=(volume,))
 
 
 def copy_trust(config: Config, destdir: Path) -> None:
     """keyd.toml, the GnuPG home (no sockets), revocations and trust state, same paths."""
     _copy(Path(config.file), destdir)
-    for path in _files(Path(config.trust.gnupghome)):
+    for path in files_under(Path(config.trust.gnupghome)):
         _copy(path, destdir)
-    for path in (Path(config.trust.revocations), *_files(Path(DEFAULT_STATE_DIR))):
+    for path in (Path(config.trust.revocations), *files_under(Path(DEFAULT_STATE_DIR))):
         if path.is_file():
             _copy(path, destdir)
     # keyd refuses a stick unless it can record the generation used (fail closed).
     (destdir / DEFAULT_STATE_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
-def _files(directory: Path) -> Iterator[Path]:
-    if directory.is_dir():
-        yield from (p for p in directory.rglob("*") if p.is_file() and not p.is_socket()
-                    and not p.name.startswith("S."))
+def files_under(directory: Path) -> list[Path]:
+    """The files below ``directory`` (none if it is missing), without gpg-agent's sockets."""
+    if not directory.is_dir():
+        return []
+    return [p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("S.")]
 
 
 def _copy(path: Path, destdir: Path) -> None:
@@ -155,23 +152,22 @@ def build(config_path: str, destdir: Path) -> list[str]:
         return []
     try:
         config = load_config(config_path)
-        root_volume(config)
+        volume = root_volume(config)
     except NoRootVolume:
         return []
     python = os.path.realpath(sys.executable)
-    modules = imported_modules(sys.executable, ENTRY_MODULES)
+    imported = imported_modules(sys.executable, ENTRY_MODULES)
     version = f"{sys.version_info.major}{sys.version_info.minor}"
-    extensions = write_zip(modules, destdir / f"usr/lib/python{version}.zip")
+    extensions = write_zip(imported, destdir / f"usr/lib/python{version}.zip")
     copy_trust(config, destdir)
     command = destdir / UNLOCK_COMMAND
     command.parent.mkdir(parents=True, exist_ok=True)
     command.write_text(unlock_command(python, str(Path(config.file).resolve())))
     command.chmod(0o755)
-    (destdir / "etc/keyd").mkdir(parents=True, exist_ok=True)
     return ([f"exec {python}"] + [f"exec {path}" for path in extensions]
-            + [f"exec {_which(name)}" for name in needed_programs(config)]
-            + [f"exec {_which(name)} {OWN_BIN}/{name}" for name in SHADOWED]
-            + [f"module {name}" for name in needed_modules(config)]
+            + [f"exec {_which(name)}" + (f" {OWN_BIN}/{name}" if name in SHADOWED else "")
+               for name in programs(volume)]
+            + [f"module {name}" for name in modules(volume)]
             + [f"modules-dir {name}" for name in MODULE_DIRS]
             + [f"load {name}" for name in LOADED])
 

@@ -6,9 +6,7 @@ import argparse
 import time
 from collections.abc import Callable
 
-from keyd.adapters.block import Losetup, Mdadm, Mounter
-from keyd.adapters.cryptsetup import Cryptsetup
-from keyd.adapters.system import ProcHolders, Systemctl
+from keyd.adapters.real import real_engine
 from keyd.boot.unlock import (
     Found,
     ask_console,
@@ -23,8 +21,6 @@ from keyd.config.model import Volume
 from keyd.daemon.adapters import TrustChecker
 from keyd.daemon.workers import mapping_keys
 from keyd.engine.errors import DevicesMissing, KeyRejected
-from keyd.engine.observe import KernelObserver
-from keyd.engine.ports import Storage
 from keyd.engine.service import Engine, Outcome
 from keyd.runner import SubprocessRunner
 from keyd.trust.settings import TrustSettings
@@ -41,9 +37,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     checker = TrustChecker(runner, TrustSettings(
         signers=config.trust.signers, gnupghome=config.trust.gnupghome,
         revocations_file=config.trust.revocations, source=config.file))
-    engine = Engine(KernelObserver(runner),
-                    Storage(Cryptsetup(runner), Mdadm(runner), Mounter(runner), Losetup(runner)),
-                    ProcHolders(), Systemctl(runner))
+    engine = real_engine(runner)
     started = time.monotonic()
     timeout = volume.policy.key_timeout if args.timeout is None else args.timeout
     found = wait_for_stick(volume, runner, checker, timeout=timeout, say=say)

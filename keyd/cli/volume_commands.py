@@ -64,18 +64,14 @@ class Environment:
 
 def real_environment() -> Environment:
     """The production environment: real programs, /proc and /sys."""
-    from keyd.adapters.block import Losetup, Mdadm, Mounter  # noqa: PLC0415 (see module doc)
-    from keyd.adapters.cryptsetup import Cryptsetup  # noqa: PLC0415
+    from keyd.adapters.real import real_storage  # noqa: PLC0415 (see module doc)
     from keyd.adapters.system import ProcHolders, Systemctl  # noqa: PLC0415
-    from keyd.adapters.zfs import Zpool  # noqa: PLC0415
     from keyd.engine.observe import KernelObserver  # noqa: PLC0415
-    from keyd.engine.ports import Storage  # noqa: PLC0415
     from keyd.runner import SubprocessRunner  # noqa: PLC0415
 
     runner = SubprocessRunner()
-    storage = Storage(Cryptsetup(runner), Mdadm(runner), Mounter(runner), Losetup(runner),
-                      Zpool(runner))
-    return Environment(runner, KernelObserver(runner), storage, ProcHolders(), Systemctl(runner),
+    return Environment(runner, KernelObserver(runner), real_storage(runner), ProcHolders(),
+                       Systemctl(runner),
                        sys.stdin.buffer, sys.stdout, sys.stderr, sys.stdin.isatty(),
                        daemon=remote.connect_daemon)
 

@@ -25,10 +25,7 @@ from typing import Any
 from gi.repository import GLib
 
 from keyd import __version__
-from keyd.adapters.block import Losetup, Mdadm, Mounter
-from keyd.adapters.cryptsetup import Cryptsetup
-from keyd.adapters.system import ProcHolders, Systemctl
-from keyd.adapters.zfs import Zpool
+from keyd.adapters.real import real_engine
 from keyd.audit.sink import JournalSink
 from keyd.boot.records import BOOT_AUDIT, forward_records
 from keyd.config.model import DEFAULT_CONFIG, Config
@@ -42,11 +39,8 @@ from keyd.daemon.leftovers import cgroup_processes, wait_for_leftovers
 from keyd.daemon.ports import Announcer, UnitManager
 from keyd.daemon_view import StateFile
 from keyd.engine.lockfile import DEFAULT_RUN_DIR
-from keyd.engine.observe import KernelObserver
-from keyd.engine.ports import Storage
-from keyd.engine.service import Engine
 from keyd.errors import KeydError, user_message
-from keyd.runner import Runner, SubprocessRunner
+from keyd.runner import SubprocessRunner
 from keyd.trust.settings import DEFAULT_STATE_DIR, TrustSettings
 
 log = logging.getLogger("keyd.daemon")
@@ -86,14 +80,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_engine(runner: Runner, run_dir: str) -> Engine:
-    """The storage engine with real programs."""
-    storage = Storage(Cryptsetup(runner), Mdadm(runner), Mounter(runner), Losetup(runner),
-                      Zpool(runner))
-    return Engine(KernelObserver(runner), storage, ProcHolders(), Systemctl(runner),
-                  run_dir=run_dir)
-
-
 def trust_settings(config: Config, args: argparse.Namespace) -> TrustSettings:
     """TrustSettings from keyd.toml's [trust] and the command line."""
     return TrustSettings(signers=config.trust.signers, gnupghome=config.trust.gnupghome,
@@ -119,7 +105,7 @@ def build(args: argparse.Namespace, config: Config) -> Runtime:
     bus = None if args.no_dbus else (bus_at(args.bus) if args.bus else system_bus)()
     units: UnitManager = SystemdUnits(bus) if bus is not None else SystemctlUnits(runner)
     scheduler = GLibScheduler()
-    ports = DaemonPorts(build_engine(runner, args.run_dir), units,
+    ports = DaemonPorts(real_engine(runner, args.run_dir), units,
                         TrustChecker(runner, trust_settings(config, args)), AskPassword(runner),
                         JournalSink())
     daemon = Daemon(config, ports, scheduler)

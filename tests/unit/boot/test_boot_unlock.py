@@ -33,7 +33,7 @@ from keyd.engine.status import report
 from keyd.errors import ConfigError
 from keyd.trust.secret import SecretBytes
 from tests import configs
-from tests.support.daemon_fakes import accepted, rejected
+from tests.support.daemon_fakes import FakeSticks, accepted, rejected
 from tests.support.scripted_runner import Reply, ScriptedRunner
 
 SEED_003_ROOT = configs.seed_003("/dev/disk/by-id/virtio-TC", root="/")
@@ -87,43 +87,29 @@ def test_sticks_come_from_udevs_database_by_the_daemons_rules() -> None:
     assert present_sticks(runner) == [StickInfo("/dev/sda1", "vfat", serial="KEY01")]
 
 
-class Checker:
-    def __init__(self, reports: dict[str, object]) -> None:
-        self.reports = reports
-        self.checked: list[str] = []
-
-    def check(self, stick: StickInfo) -> object:
-        self.checked.append(stick.devnode)
-        return self.reports[stick.devnode]
-
-    def commit(self, report: object) -> None:
-        raise AssertionError("not here")
-
-
 def test_the_first_stick_with_an_accepted_key_for_the_volume_wins() -> None:
     said: list[str] = []
-    checker = Checker({"/dev/sda1": rejected(), "/dev/sdb1": accepted("tank"),
-                       "/dev/sdc1": accepted("work")})
+    checker = FakeSticks([rejected(), accepted("tank"), accepted("work")])
     sticks = [StickInfo(f"/dev/sd{c}1", "vfat", serial=f"S{c}") for c in "abc"]
-    found = key_from_sticks("work", sticks, checker, said.append)  # type: ignore[arg-type]
+    found = key_from_sticks("work", sticks, checker, said.append)
     assert found is not None and found.stick == sticks[2] and found.source == "stick"
     assert said[0].startswith("stick Sa refused: ")
     assert said[1] == "stick Sb has no accepted key for volume work"
-    other = checker.reports["/dev/sdb1"]
+    other = checker.handed_out[1]
     assert all(v.keys is None or not any(bytes(s.buffer) for s in v.keys._secrets.values())
-               for v in other.verdicts)  # type: ignore[attr-defined]  # wiped
+               for v in other.verdicts)  # wiped
 
 
 def test_waiting_for_a_stick_checks_each_stick_once_and_gives_up_at_the_timeout() -> None:
     volume = root_volume(parse_config(SEED_003_ROOT, "keyd.toml"))
     runner = ScriptedRunner().on("udevadm", reply=Reply(STICK_DB))
-    checker = Checker({"/dev/sda1": rejected()})
+    checker = FakeSticks([rejected()])
     now = [0.0]
 
     def sleep(seconds: float) -> None:
         now[0] += seconds
 
-    found = wait_for_stick(volume, runner, checker, timeout=5, say=lambda _: None,  # type: ignore[arg-type]
+    found = wait_for_stick(volume, runner, checker, timeout=5, say=lambda _: None,
                            clock=lambda: now[0], sleep=sleep)
     assert found is None and checker.checked == ["/dev/sda1"] and now[0] == 5.0
     assert len(runner.argvs("udevadm")) == 11
