@@ -10,6 +10,7 @@ boot (the guest sees the host's root through 9p with cache=loose).
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
@@ -189,6 +190,32 @@ def install_keyd(guest: Guest, signer: Signer, config: str,
     for name, text in (units or {}).items():
         write(guest, f"/etc/systemd/system/{name}", text)
     guest.check(["systemctl", "daemon-reload"], timeout=120)
+
+
+def installed_root(base: Path, signer: Signer, config: str, units: Mapping[str, str] | None = None,
+                   target: str = "keyd-lab.target") -> Path:
+    """A tree to lay over a guest root at boot (``LabOptions.extra_root``): keyd installed
+    with ``keydctl install --root``, ``config`` as keyd.toml, the signer's key, and keyd.service
+    plus ``units`` (name -> text) enabled for ``target``."""
+    root = base / "root"
+    runner = SubprocessRunner()
+    runner.run([*KEYDCTL_HOST, "install", "--root", str(root)], timeout=120)
+    etc = root / "etc"
+    (etc / "keyd" / "keyd.toml").write_text(config)
+    home = etc / "keyd" / "gnupg"
+    home.mkdir(mode=0o700)
+    subprocess.run(["gpg", "--homedir", str(home), "--batch", "--import"], input=signer.public,
+                   check=True, capture_output=True)
+    gpg_scratch.stop_agent(runner, home)
+    for socket in home.glob("S.*"):
+        socket.unlink()
+    wants = etc / "systemd" / "system" / f"{target}.wants"
+    wants.mkdir(parents=True)
+    (wants / "keyd.service").symlink_to("/usr/lib/systemd/system/keyd.service")
+    for name, text in (units or {}).items():
+        (etc / "systemd" / "system" / name).write_text(text)
+        (wants / name).symlink_to(f"/etc/systemd/system/{name}")
+    return root
 
 
 def start_keyd(guest: Guest) -> None:

@@ -41,6 +41,8 @@ class LabOptions:
     cpu_model: str = "qemu64"
     boot_timeout: float = 180.0
     sticks_at_boot: Sequence[StickSpec] = ()
+    # Virtio disks present from power-on, (image, serial): /dev/disk/by-id/virtio-SERIAL.
+    disks_at_boot: Sequence[tuple[Path, str]] = ()
     shell: bool = False
     # A persistent lab (keyd-lab up) outlives the command that started it.
     persistent: bool = False
@@ -145,6 +147,16 @@ class Lab:
             os.kill(self.pid, signal.SIGKILL)
         if self._process is not None:
             self._process.wait(timeout=5)
+
+    def power_off(self, timeout: float = 300.0) -> None:
+        """``systemctl poweroff`` and wait for QEMU to exit (the lab runs it with -no-reboot)."""
+        self.run(["systemctl", "poweroff", "--no-block"])
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if self.running:
+            raise LabError(f"the guest did not power off within {timeout:.0f} s:\n"
+                           + self.console_tail(60))
 
     @property
     def running(self) -> bool:
@@ -293,9 +305,18 @@ def qemu_argv(kernel: Kernel, initramfs: Path, run_dir: Path, options: LabOption
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
                        "multidevs=remap",
             "-device", "qemu-xhci,id=xhci"]
+    for image, serial in options.disks_at_boot:
+        argv += _disk_at_boot(image, serial)
     for stick in options.sticks_at_boot:
         argv += _stick_at_boot(stick)
     return argv
+
+
+def _disk_at_boot(image: Path, serial: str) -> list[str]:
+    node = node_id("disk", serial)
+    return ["-blockdev", f"driver=raw,node-name={node},file.driver=file,"
+                         f"file.filename={image.resolve()}",
+            "-device", f"virtio-blk-pci,drive={node},serial={serial}"]
 
 
 def _stick_at_boot(stick: StickSpec) -> list[str]:
@@ -318,10 +339,7 @@ def direct_boot_argv(kernel: Kernel, initrd: Path, run_dir: Path, append: str, *
                         f"logfile={run_dir}/console.log",
             "-serial", "chardev:con", "-device", "qemu-xhci,id=xhci"]
     for image, serial in disks:
-        node = node_id("disk", serial)
-        argv += ["-blockdev", f"driver=raw,node-name={node},file.driver=file,"
-                              f"file.filename={image.resolve()}",
-                 "-device", f"virtio-blk-pci,drive={node},serial={serial}"]
+        argv += _disk_at_boot(image, serial)
     for stick in sticks:
         argv += _stick_at_boot(stick)
     return argv

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,9 +10,9 @@ from pathlib import Path
 from keyd.audit.ids import EVENT_BY_ID
 from keyd_lab.build import Artifacts, new_run_dir
 from keyd_lab.daemon_setup import (
-    GNUPGHOME,
-    KEYDCTL_HOST,
     Signer,
+    config_toml,
+    installed_root,
     journal_text,
     make_stick,
     volume_key,
@@ -46,31 +45,10 @@ def luks_disk(path: Path, key: bytes) -> Path:
     return path
 
 
-def root_tree(base: Path, signer: Signer) -> Path:
-    """keyd installed with `keydctl install --root`, configured and enabled for keyd-lab.target."""
-    root = base / "root"
-    subprocess.run([*KEYDCTL_HOST, "install", "--root", str(root)], check=True, capture_output=True)
-    etc = root / "etc"
-    (etc / "keyd" / "keyd.toml").write_text(
-        f'[trust]\nsigners = ["{signer.fingerprint}"]\ngnupghome = "{GNUPGHOME}"\n\n'
-        f'[volume.{VOLUME}]\nkey_timeout = 600\n'
-        f'[volume.{VOLUME}.layer.crypt]\nkind = "crypt"\ntype = "luks"\n'
-        f'device = "UUID={LUKS_UUID}"\n')
-    home = etc / "keyd" / "gnupg"
-    home.mkdir(mode=0o700)
-    subprocess.run(["gpg", "--homedir", str(home), "--batch", "--import"], input=signer.public,
-                   check=True, capture_output=True)
-    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False)
-    for socket in home.glob("S.*"):
-        socket.unlink()
-    units = etc / "systemd" / "system"
-    (units / DEPENDENT).parent.mkdir(parents=True, exist_ok=True)
-    (units / DEPENDENT).write_text(DEPENDENT_UNIT)
-    wants = units / "keyd-lab.target.wants"
-    wants.mkdir()
-    os.symlink("/usr/lib/systemd/system/keyd.service", wants / "keyd.service")
-    os.symlink(f"/etc/systemd/system/{DEPENDENT}", wants / DEPENDENT)
-    return root
+def keyd_toml(signer: Signer) -> str:
+    return config_toml(signer, f'\n[volume.{VOLUME}]\nkey_timeout = 600\n'
+                       f'[volume.{VOLUME}.layer.crypt]\nkind = "crypt"\ntype = "luks"\n'
+                       f'device = "UUID={LUKS_UUID}"\n')
 
 
 def monotonic_us(lab: Lab, unit: str, prop: str) -> int:
@@ -83,7 +61,8 @@ def test_boot_with_the_stick_in_unlocks_before_the_dependent_service_starts(
     disk = StickSpec(luks_disk(tmp_path / "nas-disk.img", key), "NASDISK01", product="NAS Disk")
     stick = make_stick(tmp_path, signer, "KEYDBOOTK", {VOLUME: key})
     run_dir = new_run_dir("daemon-boot")
-    options = LabOptions(sticks_at_boot=[stick, disk], extra_root=root_tree(tmp_path, signer),
+    options = LabOptions(sticks_at_boot=[stick, disk], extra_root=installed_root(
+        tmp_path, signer, keyd_toml(signer), {DEPENDENT: DEPENDENT_UNIT}),
                          boot_timeout=600)
     lab = Lab.boot(lab_artifacts.kernel, lab_artifacts.initramfs, run_dir, options)
     try:

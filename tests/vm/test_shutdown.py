@@ -13,7 +13,6 @@ that stops after keyd, shows keyd's lock records in order.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from keyd.audit.ids import EVENT_BY_ID
@@ -96,15 +95,6 @@ def open_both(guest: GuestLab, signer: Signer, tc_disk: str, uuid: str) -> None:
     assert wait_state(guest, "work", "unlocked") and wait_state(guest, "home", "unlocked")
 
 
-def power_off(lab: Lab, timeout: float = 300.0) -> None:
-    """``systemctl poweroff`` and wait for QEMU to exit (the lab runs it with -no-reboot)."""
-    lab.run(["systemctl", "poweroff", "--no-block"])
-    deadline = time.monotonic() + timeout
-    while lab.running and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not lab.running, "the guest did not power off:\n" + lab.console_tail(60)
-
-
 def journal_records(image: Path) -> list[dict[str, str]]:
     """The journal the power-off wrote to the journal disk, one JSON entry per line."""
     text = image.read_bytes().split(b"\0", 1)[0].decode(errors="replace")
@@ -160,7 +150,7 @@ def test_power_off_locks_open_volumes_top_down_and_leaves_file_systems_clean(
         digests = kernel.sha256(f"{ROOT}/blob"), kernel.sha256(f"{HOME}/blob")
         guest.check(HOLDER)
         holder = guest.sh("systemctl show -p MainPID --value shutdown-holder").strip()
-        power_off(first)
+        first.power_off()
     finally:
         first.close()
     console = (first.run_dir / "console.log").read_text(errors="replace")
