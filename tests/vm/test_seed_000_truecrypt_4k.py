@@ -4,7 +4,7 @@ The TrueCrypt volume is made by tcplay in the guest (as the seed's author made
 his on Ubuntu) and keyd opens it with cryptsetup's TCRYPT support, where
 TrueCrypt 7.1a refused 4K-sector disks. No Debian tool creates VeraCrypt
 volumes, so that header is written on the host from the published format
-(tests/vm/fixtures/veracrypt.py). keyd is driven only through keydctl in the
+(tests/support/veracrypt.py). keyd is driven only through keydctl in the
 guest; results are read from the kernel (dmsetup, findmnt, sysfs, checksums).
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.configs import seed_000, veracrypt_ext4
+from tests.support import veracrypt
 
 from .conftest import GuestLab
-from .fixtures import veracrypt
 from .fixtures.keydctl import Kernel, Keydctl, tcplay
 
 PASSPHRASE = "Raspberry NAS 2013 passphrase"
