@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_FLAGS ?=
 
-.PHONY: all deps apt venv bytecode unit vm test lint deb demo lab clean
+.PHONY: all deps apt venv bytecode unit host vm test lint deb demo lab clean
 all: test
 
 deps: apt venv
@@ -32,11 +32,15 @@ $(VENV)/.installed: pyproject.toml
 	@$(MAKE) --no-print-directory apt
 	$(PY_SYS) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,fuse]'
 	touch $@
 
 unit: deps
 	$(PY) -m pytest tests/unit $(PYTEST_FLAGS)
+
+# As root on this machine, no VM: FUSE mounts and loop devices (the userspace crypt backend).
+host: deps
+	$(PY) -m pytest tests/host $(PYTEST_FLAGS)
 
 # Guests import keyd from this tree over 9p: compiled once here, Python under TCG
 # does not recompile every module on every start (~25 % of keyd's start-up CPU).
@@ -47,10 +51,12 @@ bytecode: deps
 vm: bytecode deb
 	$(PY) -m pytest tests/vm $(PYTEST_FLAGS)
 
-# The gates first (seconds), then the unit tests (fast feedback), the Debian package (its unit
-# tests against Debian's libraries), then the real-kernel tier in the lab.
+# The gates first (seconds), then the unit tests (fast feedback), the host tier (this kernel's
+# FUSE and loop devices, seconds), the Debian package (its unit tests against Debian's
+# libraries), then the real-kernel tier in the lab.
 test: lint bytecode
 	$(PY) -m pytest tests/unit $(PYTEST_FLAGS)
+	$(PY) -m pytest tests/host $(PYTEST_FLAGS)
 	$(MAKE) --no-print-directory deb
 	$(PY) -m pytest tests/vm $(PYTEST_FLAGS)
 

@@ -32,9 +32,9 @@ LAB_PROGRAMS: dict[str, Program] = {p.name: p for p in (
     Program("dkms", "dkms"),
 )}
 
-# Needed to build the Python dependencies (PyGObject, systemd-python) in a venv.
+# Needed to build the Python dependencies (PyGObject, systemd-python, pyfuse3) in a venv.
 BUILD_PACKAGES = ("python3-venv", "python3-dev", "gcc", "pkg-config", "libgirepository1.0-dev",
-                  "libcairo2-dev", "libsystemd-dev", "gir1.2-glib-2.0")
+                  "libcairo2-dev", "libsystemd-dev", "gir1.2-glib-2.0", "libfuse3-dev")
 
 # Needed by `make deb` beside debian/control's Build-Depends (which `make deps` installs too).
 DEB_PACKAGES = ("dpkg-dev", "fakeroot", "lintian")
