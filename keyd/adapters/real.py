@@ -4,8 +4,10 @@ the initramfs."""
 from __future__ import annotations
 
 from keyd.adapters.block import Losetup, Mdadm, Mounter
+from keyd.adapters.crypt_backends import CryptBackends, DmCryptProbe
 from keyd.adapters.cryptsetup import Cryptsetup
 from keyd.adapters.system import ProcHolders, Systemctl
+from keyd.adapters.usercrypt import UserspaceCrypt
 from keyd.adapters.zfs import Zpool
 from keyd.engine.lockfile import DEFAULT_RUN_DIR
 from keyd.engine.observe import KernelObserver
@@ -16,8 +18,8 @@ from keyd.runner import Runner
 
 def real_storage(runner: Runner) -> Storage:
     """Every storage adapter (zpool included), running programs through ``runner``."""
-    return Storage(Cryptsetup(runner), Mdadm(runner), Mounter(runner), Losetup(runner),
-                   Zpool(runner))
+    crypt = CryptBackends(Cryptsetup(runner), UserspaceCrypt(runner), DmCryptProbe(runner))
+    return Storage(crypt, Mdadm(runner), Mounter(runner), Losetup(runner), Zpool(runner))
 
 
 def real_engine(runner: Runner, run_dir: str = DEFAULT_RUN_DIR) -> Engine:

@@ -225,6 +225,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from keyd.adapters.crypt_backends import DmCryptProbe  # noqa: PLC0415
+    from keyd.adapters.usercrypt import FUSE_FIX, fuse_problems  # noqa: PLC0415
     from keyd.boot.doctor import check_boot  # noqa: PLC0415 (see module doc)
     from keyd.engine import doctor  # noqa: PLC0415
     from keyd.engine.status import report  # noqa: PLC0415
@@ -239,7 +241,12 @@ def _doctor(args: argparse.Namespace) -> int:
         findings.append(doctor.Finding("fail", "config", exc.message, exc.fix))
         config = Config(file=args.config)
     findings += doctor.check_programs(env.runner, doctor.needed_programs(config))
-    findings += doctor.check_modules(env.runner, doctor.needed_modules(config), env.root)
+    dm_crypt = DmCryptProbe(env.runner)()
+    modules = doctor.needed_modules(config)
+    if not dm_crypt and not doctor.needs_dm_crypt(config):
+        modules.remove("dm_crypt")  # every crypt layer can go to userspace: see the crypt finding
+    findings += doctor.check_modules(env.runner, modules, env.root)
+    findings += doctor.check_crypt_backends(config, dm_crypt, fuse_problems(), FUSE_FIX)
     findings += doctor.check_hashes(env.runner, config)
     observed = env.observer.observe(config.volumes)
     findings += doctor.check_devices(config, observed)

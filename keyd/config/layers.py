@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from keyd.config.fields import Table
 from keyd.config.model import (
+    CryptBackend,
     CryptLayer,
     CryptType,
     Degraded,
@@ -34,6 +35,7 @@ _SECTOR_SIZES = (512, 1024, 2048, 4096)
 _DEVICE_PREFIXES = {"UUID=": "/dev/disk/by-uuid/", "PARTUUID=": "/dev/disk/by-partuuid/",
                     "LABEL=": "/dev/disk/by-label/", "ID=": "/dev/disk/by-id/"}
 CRYPT_TYPES: tuple[CryptType, ...] = ("luks", "plain", "tcrypt", "veracrypt")
+CRYPT_BACKENDS: tuple[CryptBackend, ...] = ("auto", "kernel", "userspace")
 TCRYPT_HASHES = ("sha512", "sha256", "whirlpool", "ripemd160", "streebog")
 # The block ciphers of TrueCrypt/VeraCrypt cipher chains (cryptsetup lib/tcrypt/tcrypt.c);
 # a pin such as "serpent-twofish-aes" names a chain, never a mode ("xts-plain64").
@@ -125,11 +127,16 @@ def parse_crypt(name: str, table: Table) -> CryptLayer:
         iv_large_sectors=table.flag("iv_large_sectors"), hidden=table.flag("hidden"),
         system=table.flag("system"), backup_header=table.flag("backup_header"),
         pim=table.integer("pim", maximum=2**31 - 1), readonly=table.flag("readonly"),
-        allow_discards=table.flag("allow_discards"))
+        allow_discards=table.flag("allow_discards"), backend=_backend(table))
     layer = replace(layer, key_format=_key_format(table, layer))
     _CRYPT_CHECKS[ctype](table, layer)
     _check_common_crypt(table, layer)
     return layer
+
+
+def _backend(table: Table) -> CryptBackend:
+    text = table.choice("backend", CRYPT_BACKENDS, "auto")
+    return next(backend for backend in CRYPT_BACKENDS if backend == text)
 
 
 def _crypt_type(table: Table) -> CryptType:
@@ -170,6 +177,10 @@ def _reject(table: Table, layer: CryptLayer, keys: tuple[str, ...], why: str) ->
 
 
 def _check_luks(table: Table, layer: CryptLayer) -> None:
+    if layer.backend == "userspace":
+        raise table.error("backend", "LUKS volumes are opened by dm-crypt only",
+                          'remove backend (or set it to "kernel"); keyd\'s userspace crypto '
+                          "reads TrueCrypt, VeraCrypt and plain volumes")
     _reject(table, layer, ("cipher", "key_size", "hash", "offset", "skip", "sector_size",
                            "iv_large_sectors", "keyfile_offset"),
             "LUKS keeps its parameters in its header")

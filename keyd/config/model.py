@@ -22,6 +22,9 @@ DEFAULT_REVOCATIONS = "/etc/keyd/revoked.toml"
 
 CryptType = Literal["luks", "plain", "tcrypt", "veracrypt"]
 KeyFormat = Literal["passphrase", "binary"]
+# Who decrypts a crypt layer: dm-crypt (cryptsetup), keyd's userspace crypto (FUSE + loop),
+# or "auto": dm-crypt where the kernel has it, else userspace.
+CryptBackend = Literal["auto", "kernel", "userspace"]
 DegradedMode = Literal["never", "after", "always"]
 ZfsDegradedMode = Literal["never", "always"]
 
@@ -78,6 +81,7 @@ class CryptLayer:
     pim: int | None = None
     readonly: bool = False
     allow_discards: bool = False
+    backend: CryptBackend = "auto"
     kind: Literal["crypt"] = "crypt"
 
     @property

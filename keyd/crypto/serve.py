@@ -4,12 +4,12 @@ keyd starts it as root for a crypt layer when the kernel has no dm-crypt, then a
 ``<mountpoint>/volume`` to a loop device. Its protocol with that parent:
 
 - argv: NAME only, ``<volume>-<layer>`` (e.g. ``tank-crypt``).
-- stdin: one line of JSON, the spec (:func:`parse_spec`: backing, offset, size, sector_size,
+- stdin: one line of JSON, the spec (:func:`keyd.crypto.spec.parse_spec`: backing, offset, size, sector_size,
   cipher, read_only, mountpoint), then the key bytes up to EOF. The key never travels in argv,
   a file or a log line; it is read into one buffer that is wiped once the cipher has it.
 - stdout: the single line ``ready`` once the mount's ``volume`` file answers, then closed. A
   failure before that: nothing on stdout, the reason on stderr, a non-zero exit.
-- stderr: log lines.
+- stderr: log lines; from ``ready`` on they go to the journal (``keyd-crypt``) instead.
 - SIGTERM or SIGINT: unmount and exit 0 once nothing holds the file open (the loop device is
   detached); an unmount from outside (``umount``, ``fusermount3 -u``) ends it as well.
 
@@ -19,24 +19,26 @@ being dumpable (no core, no ptrace or /proc/PID/mem for other users) and sets it
 0. It names itself so that keyd finds it again after its own restart (:func:`served_name`):
 its comm is ``keyd-crypt``, its /proc/PID/cmdline becomes ``@keyd-crypt NAME`` (the ``@``, as
 for keyd's ntfs-3g, spares it from systemd-shutdown's final kill until the file systems above
-are unmounted), and its mount shows as ``keyd-crypt:NAME`` of type ``fuse.keyd-crypt``.
+are unmounted), and its mount, at the spec's mountpoint, shows the backing device as its
+source and ``fuse.keyd-crypt`` as its type (keyd finds its base device there, as it would
+in a dm mapping's slaves).
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
+import importlib
 import logging
 import os
 import re
 import resource
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol
 
-from keyd.crypto.ciphers import SECTOR_SIZES, SectorCipher, sector_cipher
+from keyd.crypto.ciphers import SectorCipher, sector_cipher
 from keyd.crypto.fuse_volume import FSTYPE, FileBacking, Volume, serve
+from keyd.crypto.spec import SPEC, CryptSpec, parse_spec
 from keyd.engine.errors import StorageError
 from keyd.errors import ConfigError, KeydError, user_message
 from keyd.trust.secret import SecretBytes
@@ -46,7 +48,6 @@ log = logging.getLogger("keyd.crypto.serve")
 MODULE = "keyd.crypto.serve"
 COMM = FSTYPE
 CMDLINE_TAG = f"@{FSTYPE}"
-SPEC = "keyd.crypto.serve's spec (stdin)"
 # A spec line and a key (TrueCrypt cascades: 3 x 64 bytes) are far below this.
 MAX_REQUEST = 64 * 1024
 # <volume>-<layer>: keyd's names are [a-z0-9_]; no comma (libfuse's option separator), no space.
@@ -66,71 +67,6 @@ class CipherFactory(Protocol):
                  iv_offset: int) -> SectorCipher:
         """The cipher; it copies what it needs of ``key`` (the caller wipes ``key`` after)."""
         ...
-
-
-@dataclass(frozen=True)
-class CryptSpec:
-    """What to serve: ``size`` bytes (None: to the end) at byte ``offset`` of ``backing``,
-    decrypted as dm-crypt would with ``cipher`` (``aes-xts-plain64``), ``sector_size``,
-    ``iv_offset`` (512-byte units; TrueCrypt's is its data offset) and ``iv_large_sectors``."""
-
-    backing: str
-    offset: int
-    size: int | None
-    sector_size: int
-    cipher: str
-    read_only: bool
-    mountpoint: str
-    iv_offset: int = 0
-    iv_large_sectors: bool = False
-
-
-def _field(data: dict[str, object], key: str, kind: type, problem: str) -> object:
-    value = data.get(key)
-    # bool is an int in Python: an offset of `true` is still wrong.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(SPEC, key, problem)
-    return value
-
-
-def _optional(data: dict[str, object], key: str, default: object, problem: str) -> object:
-    return default if key not in data else _field(data, key, type(default), problem)
-
-
-def parse_spec(text: bytes) -> CryptSpec:
-    """The spec line: a JSON object of :class:`CryptSpec`'s fields (``size`` may be null)."""
-    try:
-        data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(SPEC, "", f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(SPEC, "", "not a JSON object")
-    spec = CryptSpec(
-        backing=cast(str, _field(data, "backing", str, "must be a path")),
-        offset=cast(int, _field(data, "offset", int, "must be a byte offset")),
-        size=None if data.get("size") is None else cast(int, _field(data, "size", int,
-                                                                    "must be bytes or null")),
-        sector_size=cast(int, _field(data, "sector_size", int, "must be a number")),
-        cipher=cast(str, _field(data, "cipher", str, "must be a cipher spec")),
-        read_only=cast(bool, _field(data, "read_only", bool, "must be true or false")),
-        mountpoint=cast(str, _field(data, "mountpoint", str, "must be a path")),
-        iv_offset=cast(int, _optional(data, "iv_offset", 0, "must be 512-byte sectors")),
-        iv_large_sectors=cast(bool, _optional(data, "iv_large_sectors", False,
-                                              "must be true or false")))
-    _check(spec)
-    return spec
-
-
-def _check(spec: CryptSpec) -> None:
-    if spec.sector_size not in SECTOR_SIZES:
-        raise ConfigError(SPEC, "sector_size", f"must be one of {SECTOR_SIZES}")
-    if spec.offset < 0 or spec.offset % 512:
-        raise ConfigError(SPEC, "offset", "must be a multiple of 512")
-    if spec.size is not None and (spec.size <= 0 or spec.size % spec.sector_size):
-        raise ConfigError(SPEC, "size", "must be a positive multiple of sector_size")
-    for key, path in (("backing", spec.backing), ("mountpoint", spec.mountpoint)):
-        if not os.path.isabs(path) or "," in path:
-            raise ConfigError(SPEC, key, "must be an absolute path without commas")
 
 
 def read_request(fd: int) -> tuple[CryptSpec, SecretBytes]:
@@ -223,11 +159,27 @@ def rename(name: str) -> None:
 
 
 def _ready() -> None:
+    # The parent stops reading stdout and stderr here: later log lines go to the journal
+    # (or nowhere, without one), and fds 1 and 2 stay valid descriptors.
+    _redirect(2, _journal_fd())
     os.write(1, b"ready\n")
-    # Close stdout for the parent (it reads to EOF) while fd 1 stays a valid descriptor.
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    os.close(null)
+    _redirect(1, os.open(os.devnull, os.O_WRONLY))
+
+
+def _redirect(target: int, fd: int) -> None:
+    os.dup2(fd, target)
+    os.close(fd)
+
+
+def _journal_fd() -> int:
+    try:
+        # Imported on use, as keyd.audit.sink does: only a serving process needs it.
+        stream = importlib.import_module("systemd.journal").stream(FSTYPE)
+        fd = os.dup(stream.fileno())
+        stream.close()
+        return fd
+    except (ImportError, OSError):
+        return os.open(os.devnull, os.O_WRONLY)
 
 
 def _data_size(spec: CryptSpec, fd: int) -> int:
@@ -276,7 +228,7 @@ def run(name: str, spec: CryptSpec, key: SecretBytes, factory: CipherFactory) ->
                             size=_data_size(spec, fd), read_only=spec.read_only)
             key.wipe()
             _make_mountpoint(spec.mountpoint)
-            serve(volume, spec.mountpoint, fsname=f"{FSTYPE}:{name}", ready=_ready)
+            serve(volume, spec.mountpoint, fsname=spec.backing, ready=_ready)
             volume.sync()
         finally:
             os.close(fd)

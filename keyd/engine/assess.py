@@ -20,8 +20,16 @@ from keyd.config.model import (
     Volume,
     ZfsLayer,
 )
-from keyd.engine.names import dm_name, is_helper_of, md_name, owns_mapping, record_key
-from keyd.engine.observed import DmMapping, MdArray, ObservedState, ZfsPool
+from keyd.engine.names import (
+    SERVED_FILE,
+    dm_name,
+    is_helper_of,
+    md_name,
+    owns_mapping,
+    record_key,
+    served_dir,
+)
+from keyd.engine.observed import DmMapping, LoopDevice, MdArray, ObservedState, ZfsPool
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,9 @@ def _crypt(volume: Volume, layer: Layer, observed: ObservedState,
     mapping = observed.dm_named(name)
     if mapping is not None:
         return _existing_mapping(layer, name, mapping, observed, base)
+    served = observed.loop_for(f"{served_dir(name)}/{SERVED_FILE}")
+    if served is not None:
+        return _served(layer, name, served, observed, base)
     if layer.device is not None and base is None:
         return LayerStatus(layer.name, "crypt", problem=f"device {layer.device} is not present",
                            fix="connect the disk, or correct device in keyd.toml", missing=True)
@@ -125,6 +136,18 @@ def _existing_mapping(layer: CryptLayer, name: str, mapping: DmMapping,
     if base is not None and base not in _base_devices(observed, mapping, name):
         return replace(status, problem=f"{name} is open on another device than /dev/{base}",
                        fix=f"lock the volume (or cryptsetup close {name}) and unlock again")
+    return status
+
+
+def _served(layer: CryptLayer, name: str, loop: LoopDevice, observed: ObservedState,
+            base: str | None) -> LayerStatus:
+    """A layer keyd's userspace crypto serves: its loop device stands for the mapping."""
+    status = LayerStatus(layer.name, "crypt", open=True, owned=True, device=f"/dev/{loop.kname}",
+                         kname=loop.kname, detail=f"{layer.type}, userspace crypto")
+    mount = observed.mount_at(served_dir(name))
+    if base is not None and mount is not None and mount.source_kname != base:
+        return replace(status, problem=f"{name} is served from another device than /dev/{base}",
+                       fix="lock the volume and unlock again")
     return status
 
 

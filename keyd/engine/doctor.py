@@ -81,6 +81,33 @@ def needed_modules(config: Config) -> list[str]:
     return list(dict.fromkeys(modules))
 
 
+def needs_dm_crypt(config: Config) -> bool:
+    """Whether a crypt layer opens with dm-crypt only (LUKS, or backend = "kernel")."""
+    return any(isinstance(x, CryptLayer) and (x.type == "luks" or x.backend == "kernel")
+               for x in _layers(config))
+
+
+def check_crypt_backends(config: Config, dm_crypt: bool, fuse_problems: Sequence[str],
+                         fuse_fix: str) -> list[Finding]:
+    """The layers that use keyd's userspace crypto on this kernel, and whether they can."""
+    findings = []
+    for volume in config.volumes:
+        for layer in volume.layers:
+            if not isinstance(layer, CryptLayer) or layer.type == "luks":
+                continue
+            if layer.backend == "kernel" or (layer.backend == "auto" and dm_crypt):
+                continue
+            why = "dm-crypt missing: using userspace crypto" if layer.backend == "auto" \
+                else 'userspace crypto (backend = "userspace")'
+            text = f"{volume.name}/{layer.name}: {why}"
+            if fuse_problems:
+                findings.append(Finding("fail", "crypt", f"{text}, but {'; '.join(fuse_problems)}",
+                                        fuse_fix))
+            else:
+                findings.append(Finding("ok", "crypt", text))
+    return findings
+
+
 def check_programs(runner: Runner, names: Iterable[str]) -> list[Finding]:
     """Each program installed, with the first line of its version output."""
     findings = []

@@ -14,6 +14,8 @@ from __future__ import annotations
 from keyd.engine.observed import DmMapping
 
 PREFIX = "keyd"
+SERVED_ROOT = "/run/keyd/crypt"
+SERVED_FILE = "volume"
 
 # dm UUID prefixes cryptsetup sets, per crypt type (TrueCrypt and VeraCrypt are TCRYPT).
 _UUID_TYPES = {"luks": ("LUKS1", "LUKS2"), "plain": ("PLAIN",),
@@ -23,6 +25,12 @@ _UUID_TYPES = {"luks": ("LUKS1", "LUKS2"), "plain": ("PLAIN",),
 def dm_name(volume: str, layer: str) -> str:
     """The device-mapper name keyd gives a crypt layer."""
     return f"{PREFIX}-{volume}-{layer}"
+
+
+def served_dir(dm_name: str) -> str:
+    """Where keyd's userspace crypto mounts the decrypted ``volume`` file of a crypt layer that
+    has no dm-crypt mapping (keyd.adapters.usercrypt); its loop device stands for the mapping."""
+    return f"{SERVED_ROOT}/{dm_name}"
 
 
 def md_name(volume: str, layer: str) -> str:

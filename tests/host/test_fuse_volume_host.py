@@ -136,8 +136,6 @@ def test_sigterm_waits_until_the_loop_device_is_detached(tmp_path: Path) -> None
                 assert len(device.read(65536)) == 65536
         assert served.process.wait(STOP_TIMEOUT) == 0
         assert not mounted_at(crypt)
-        assert served.process.stderr is not None
-        assert b"stopping once it is closed" in served.process.stderr.read()
 
 
 def test_an_unmount_from_outside_ends_it(tmp_path: Path) -> None:
@@ -163,7 +161,7 @@ def test_it_is_named_locked_and_keeps_the_key_out_of_argv(tmp_path: Path) -> Non
             assert image.key not in place and image.key.hex().encode() not in place
         with open("/proc/self/mountinfo") as info:
             mount = next(line.split() for line in info if f" {served.mountpoint} " in line)
-        assert mount[-3:-1] == ["fuse.keyd-crypt", "keyd-crypt:tank-crypt"]
+        assert mount[-3:-1] == ["fuse.keyd-crypt", str(image.path)]
 
 
 def test_a_key_the_cipher_refuses_fails_before_ready(tmp_path: Path) -> None:

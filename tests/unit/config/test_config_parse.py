@@ -106,6 +106,16 @@ def test_truecrypt_cipher_pin_names_a_cipher_chain() -> None:
     assert isinstance(tc, CryptLayer) and tc.cipher == "serpent-twofish-aes"
 
 
+def test_crypt_backend_defaults_to_auto_and_takes_kernel_or_userspace() -> None:
+    device = "/dev/disk/by-id/usb-disk"
+    tc = parse(configs.crypt_layer("v", "tc", configs.TCRYPT, device=device)).volume("v").layer("tc")
+    assert isinstance(tc, CryptLayer) and tc.backend == "auto"
+    for backend in ("kernel", "userspace"):
+        layer = parse(configs.crypt_layer("v", "p", {**configs.PLAIN_2006, "backend": backend},
+                                          device=device)).volume("v").layer("p")
+        assert isinstance(layer, CryptLayer) and layer.backend == backend
+
+
 def test_luks_type_aliases_and_plain_hashed_passphrase() -> None:
     config = parse(configs.crypt_mount("a", "UUID=0b0b", {"type": "luks2"}, names=("c", "m"),
                                        fstype="ext4", mountpoint="/a")
@@ -206,6 +216,9 @@ def layer_error(body: str, extra: str = "") -> ConfigError:
      "passphrase"),
     ("kind='crypt'\ntype='luks'\ndevice='/dev/sdb'\nkey_format='hex'", "key_format",
      "not one of"),
+    ("kind='crypt'\ntype='luks'\ndevice='/dev/sdb'\nbackend='userspace'", "backend",
+     "dm-crypt only"),
+    ("kind='crypt'\ntype='tcrypt'\ndevice='/dev/sdb'\nbackend='fuse'", "backend", "not one of"),
     ("kind='loop'\nimage='/abs/rootfs'\nbelow=['m']", "image", "inside the layer below"),
     ("kind='mount'\nfstype='ext4'\nmountpoint='mnt/x'\ndevice='/dev/sdb'", "mountpoint",
      "absolute"),

@@ -11,7 +11,8 @@ import threading
 
 import pytest
 
-from keyd.crypto.serve import MAX_REQUEST, CryptSpec, parse_spec, read_request, served_name
+from keyd.crypto.serve import MAX_REQUEST, read_request, served_name
+from keyd.crypto.spec import CryptSpec, parse_spec
 from keyd.errors import ConfigError
 
 GOOD: dict[str, object] = {

@@ -8,7 +8,8 @@ from typing import Any
 
 from keyd.config import Config, parse_config
 from keyd.engine import doctor
-from keyd.engine.observed import DmMapping, MdArray, ObservedState
+from keyd.engine.names import SERVED_FILE, served_dir
+from keyd.engine.observed import DmMapping, LoopDevice, MdArray, MountEntry, ObservedState
 from keyd.engine.status import render_table, report, to_json
 from keyd.errors import ProgramMissing, ProgramTimeout
 from keyd.runner import Completed
@@ -117,3 +118,45 @@ def test_status_conflict_state() -> None:
     squatter = DmMapping("dm-3", "keyd-tank-c", "", ())
     rep = report(volume, ObservedState(dm=(squatter,)))
     assert rep.state == "conflict"
+
+
+def served_state(source: str) -> ObservedState:
+    """keyd-media-tc served by keyd's userspace crypto from ``source`` on loop3, ext4 on it."""
+    served = served_dir("keyd-media-tc")
+    return ObservedState(
+        paths={"/dev/disk/by-id/usb-disk": "sdb"},
+        loops=(LoopDevice("loop3", f"{served}/{SERVED_FILE}"),),
+        mounts=(MountEntry(40, 1, "0:50", "/", served, "fuse.keyd-crypt", source,
+                           source_kname=source.removeprefix("/dev/")),
+                MountEntry(41, 1, "7:3", "/srv/nas", "/srv/nas", "ext4", "/dev/loop3",
+                           source_kname="loop3")))
+
+
+def test_a_layer_served_in_userspace_is_open_on_its_loop_device() -> None:
+    volume = parse_config(configs.seed_000("/dev/disk/by-id/usb-disk", volume="media"),
+                          "t.toml").volume("media")
+    rep = report(volume, served_state("/dev/sdb"))
+    assert rep.state == "unlocked"
+    layers = {layer["name"]: layer for layer in to_json([rep])["volumes"][0]["layers"]}
+    assert layers["tc"]["device"] == "/dev/loop3" and "userspace crypto" in layers["tc"]["detail"]
+    moved = report(volume, served_state("/dev/sdc"))
+    assert "served from another device than /dev/sdb" in render_table([moved])
+
+
+def test_doctor_names_the_layers_that_use_userspace_crypto() -> None:
+    device = "/dev/disk/by-id/usb-disk"
+    config = parse_config(configs.seed_000(device, volume="nas")
+                          + configs.crypt_layer("pinned", "vc", {"type": "veracrypt",
+                                                                 "backend": "kernel"},
+                                                device=device + "2")
+                          + configs.crypt_layer("forced", "p", {**configs.PLAIN_2006,
+                                                                "backend": "userspace"},
+                                                device=device + "3"), "t.toml")
+    texts = [f.text for f in doctor.check_crypt_backends(config, False, [], "fix")]
+    assert texts == ["nas/tc: dm-crypt missing: using userspace crypto",
+                     'forced/p: userspace crypto (backend = "userspace")']
+    assert [f.text for f in doctor.check_crypt_backends(config, True, [], "fix")] == [texts[1]]
+    [missing] = doctor.check_crypt_backends(config, True, ["pyfuse3 is not installed"], "apt")
+    assert missing.status == "fail" and missing.fix == "apt"
+    assert doctor.needs_dm_crypt(config) and not doctor.needs_dm_crypt(
+        parse_config(configs.seed_000(device), "t.toml"))
