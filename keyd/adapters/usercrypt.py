@@ -274,12 +274,26 @@ def server_pids(name: str, proc_root: str = "/proc") -> list[int]:
     return pids
 
 
+def exited(pid: int, proc_root: str = "/proc") -> bool:
+    """Whether ``pid`` has exited; reaps it if it is this process's child (keyd started it)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return True
+    except ChildProcessError:
+        pass  # not ours: keyd restarted since, or keydctl started it
+    try:
+        stat = Path(proc_root, str(pid), "stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
 def _wait_gone(pids: list[int], dm_name: str) -> None:
     # The backing device is free (O_EXCL) only once the server has exited.
     deadline = time.monotonic() + EXIT_TIMEOUT
     while pids and time.monotonic() < deadline:
         time.sleep(0.05)
-        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        pids = [pid for pid in pids if not exited(pid)]
     if pids:
         raise StorageError(f"the userspace decryption of {dm_name} (PID {pids[0]}) did not exit "
                            f"within {EXIT_TIMEOUT:.0f} s of its unmount",

@@ -25,6 +25,9 @@ for m in $(awk '$2 ~ "^/mnt/t/" {print $2}' /proc/self/mounts | sort -r); do umo
 # A pool left imported on a mapping removed below would be suspended, and hang later tests.
 if [ -e /dev/zfs ]; then zpool export -a -f || true; fi
 losetup -D
+# keyd's userspace crypto (a FUSE file per open crypt layer): the server exits on unmount.
+for m in $(awk '$3 == "fuse.keyd-crypt" {print $2}' /proc/self/mounts); do umount -l "$m"; done
+rm -f /etc/modprobe.d/keyd-test-*.conf
 for d in $(dmsetup ls --noheadings 2>/dev/null | awk '$1 != "No" {print $1}'); do dmsetup remove -f "$d"; done
 for md in /dev/md/* /dev/md[0-9]*; do [ -e "$md" ] && mdadm --stop "$md"; done
 rm -rf /mnt/t
