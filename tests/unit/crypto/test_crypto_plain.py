@@ -45,7 +45,8 @@ def test_cryptsetup_hash_names_map_to_hashlib(name: str, hashlib_name: str) -> N
     assert plain_key(b"pw", 16, name) == hashlib.new(hashlib_name, b"pw").digest()[:16]
 
 
-@pytest.mark.parametrize("name", ["whirlpool", "stribog512", "sha256:x", "sha256:33"])
+# (Not whirlpool: Debian's shared OpenSSL has it once cryptography loads the legacy provider.)
+@pytest.mark.parametrize("name", ["md17", "stribog512", "sha256:x", "sha256:33"])
 def test_hashes_that_are_missing_or_malformed_are_refused(name: str) -> None:
     with pytest.raises(UnsupportedHash):
         plain_key(b"pw", 32, name)
