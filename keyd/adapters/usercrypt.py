@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from keyd.adapters.cryptsetup import shape_key
 from keyd.adapters.retry import Retry
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 # initramfs unlock do not load cryptography's ciphers and PBKDF2 unless a layer needs them.
 READY_TIMEOUT = 60.0
 EXIT_TIMEOUT = 30.0
+UMOUNT_FAILED = 32  # umount(8): "mount failure", here the device is busy
 BLKSSZGET = 0x1268  # <linux/fs.h>: the logical block size of a block device
 FUSE_FIX = "apt install fuse3 python3-pyfuse3 python3-trio (or pip install 'keyd[fuse]')"
 
@@ -169,7 +170,8 @@ class UserspaceCrypt:
         except BrokenPipeError:
             pass  # it died at once; its stderr says why
         if not _await_ready(proc.stdout, time.monotonic() + READY_TIMEOUT):
-            proc.kill() if proc.poll() is None else None
+            if proc.poll() is None:
+                proc.kill()
             reason = proc.stderr.read().decode(errors="replace").strip()
             proc.wait()
             raise StorageError(f"the userspace decryption of {dm_name} did not start "
@@ -195,7 +197,7 @@ class UserspaceCrypt:
         # The loop device lets go of the file a moment after losetup --detach returns.
         try:
             self.retry.run(lambda: self.runner.run(["umount", mountpoint], timeout=60),
-                           busy=lambda exc: "busy" in exc.stderr)
+                           busy=lambda exc: exc.returncode == UMOUNT_FAILED)
         except ProgramError as exc:
             raise StorageError(f"{dm_name} is still in use and cannot be closed",
                                fix="unmount what sits on it first") from exc
@@ -231,8 +233,7 @@ def _server_name(dm_name: str) -> str:
     return dm_name.removeprefix("keyd-")
 
 
-def _await_ready(stdout: object, deadline: float) -> bool:
-    assert hasattr(stdout, "fileno")
+def _await_ready(stdout: IO[bytes], deadline: float) -> bool:
     with selectors.DefaultSelector() as selector:
         selector.register(stdout.fileno(), selectors.EVENT_READ)
         buffer = b""
