@@ -120,16 +120,12 @@ stat -c %s /run/t-initrd.img
 """
 
 
-def build_initrd(guest: GuestLab, kernel: Kernel) -> tuple[int, int]:
-    """mkinitramfs without keyd's part (keyd not configured), then with it; their sizes.
-    The one with keyd's part is left in /run/t-initrd.img."""
+def build_initrd(guest: GuestLab, kernel: Kernel) -> int:
+    """mkinitramfs with keyd's hook into /run/t-initrd.img; its size. (Without keyd configured
+    the hook adds nothing: 8.9-9.3 MB against 20.1-20.4 MB with it, measured when this test
+    built both; one build is what the boots need.)"""
     config = kernel.root / "boot" / f"config-{kernel.release}"
-    script = MKINITRAMFS.format(conf=CONF, kernel_config=config)
-    guest.sh("mv /etc/keyd/keyd.toml /etc/keyd/keyd.toml.off")
-    without = int(guest.sh(script, timeout=600).split()[-1])
-    guest.sh("mv /etc/keyd/keyd.toml.off /etc/keyd/keyd.toml")
-    with_keyd = int(guest.sh(script, timeout=600).split()[-1])
-    return without, with_keyd
+    return int(guest.sh(MKINITRAMFS.format(conf=CONF, kernel_config=config), timeout=600).split()[-1])
 
 
 def export_initrd(guest: GuestLab, size: int) -> Path:
@@ -234,12 +230,12 @@ def test_the_root_file_system_is_unlocked_in_the_initramfs_from_a_stick_or_a_pas
     volumes = seed_003(DEVICE, root="/", policy={"key_timeout": 20})
     try:
         install_keyd(guest, signer, config_toml(signer, volumes))
-        without, with_keyd = build_initrd(guest, lab_artifacts.kernel)
-        initrd = export_initrd(guest, with_keyd)
+        size = build_initrd(guest, lab_artifacts.kernel)
+        initrd = export_initrd(guest, size)
     finally:
         stop_keyd(guest)
     guest.detach(DISK)  # the boots below use its image
-    print(f"\ninitramfs: {without} bytes without keyd's part, {with_keyd} with it")
+    print(f"\ninitramfs with keyd's part: {size} bytes")
     stick = make_stick(tmp_path, signer, STICK, {"work": PASSPHRASE.encode()})
 
     console = boot(lab_artifacts, guest, initrd, "boot-root-stick", [stick])
