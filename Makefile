@@ -4,6 +4,11 @@ PY_SYS ?= /usr/bin/python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_FLAGS ?=
+# The VM tier runs one lab guest per pytest-xdist worker, a guest per core (TCG keeps one busy):
+# two on a machine with two cores or more, one on a single core. `make vm VM_WORKERS=1` for one.
+VM_WORKERS ?= $(shell [ "$$(nproc)" -ge 2 ] && echo 2 || echo 1)
+# Test files go to the workers whole, so one lab boot serves all the tests of a file.
+VM_PYTEST = $(PY) -m pytest tests/vm -n $(VM_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_FLAGS)
 
 .PHONY: all deps apt venv bytecode unit host vm test lint deb demo lab clean
 all: test
@@ -47,9 +52,11 @@ host: deps
 bytecode: deps
 	@$(PY) -m compileall -q keyd
 
-# The VM tier installs the Debian package in the lab (tests/vm/test_debian_package.py).
+# The VM tier installs the Debian package in the lab (tests/vm/test_debian_package.py). The lab's
+# kernel, initramfs and OpenZFS are built (or found in the cache) once, before the workers start.
 vm: bytecode deb
-	$(PY) -m pytest tests/vm $(PYTEST_FLAGS)
+	$(VENV)/bin/keyd-lab build
+	$(VM_PYTEST)
 
 # The gates first (seconds), then the unit tests (fast feedback), the host tier (this kernel's
 # FUSE and loop devices, seconds), the Debian package (its unit tests against Debian's
@@ -58,7 +65,8 @@ test: lint bytecode
 	$(PY) -m pytest tests/unit $(PYTEST_FLAGS)
 	$(PY) -m pytest tests/host $(PYTEST_FLAGS)
 	$(MAKE) --no-print-directory deb
-	$(PY) -m pytest tests/vm $(PYTEST_FLAGS)
+	$(VENV)/bin/keyd-lab build
+	$(VM_PYTEST)
 
 lint: deps
 	$(VENV)/bin/ruff check keyd keyd_lab tests benchmarks

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +40,23 @@ def check_host() -> None:
         raise LabError(f"the lab needs {tools}", fix=f"apt-get install {packages} (or run 'make deps')")
 
 
+@contextmanager
+def _cache_locked() -> Iterator[None]:
+    # Two test workers start at once: one builds what the cache lacks, the other waits for it.
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with (cache_dir() / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def prepare(runner: Runner, timings: dict[str, float] | None = None) -> Artifacts:
-    """Return the kernel and initramfs, building whatever the cache lacks."""
+    """Return the kernel and initramfs, building whatever the cache lacks (one builder at a time)."""
     check_host()
+    with _cache_locked():
+        return _prepare(runner, timings)
+
+
+def _prepare(runner: Runner, timings: dict[str, float] | None) -> Artifacts:
     kernel = ensure_kernel(runner, timings)
     if not kernel.vmlinux.exists():
         with phase("decompress the kernel for PVH boot", timings):

@@ -25,6 +25,7 @@ from keyd_lab.channel import Channel, GuestCommandFailed, GuestResult
 from keyd_lab.errors import BootTimeout, LabError
 from keyd_lab.kernel import Kernel
 from keyd_lab.media import StickSpec
+from keyd_lab.profile import LEDGER, kind_of
 from keyd_lab.qmp import Qmp
 
 QEMU = "qemu-system-x86_64"
@@ -90,6 +91,8 @@ class Lab:
         except BaseException:
             lab.close()
             raise
+        finally:
+            LEDGER.add("boot", time.monotonic() - started)
         lab.boot_seconds = time.monotonic() - started
         options.timings["boot"] = lab.boot_seconds
         return lab
@@ -184,7 +187,11 @@ class Lab:
     def run(self, argv: Sequence[str], input: bytes | str | None = None,
             timeout: float = 60.0) -> GuestResult:
         """Run argv in the guest: ``(rc, stdout, stderr)``."""
-        return self.channel.run(list(argv), input=input, timeout=timeout)
+        started = time.monotonic()
+        try:
+            return self.channel.run(list(argv), input=input, timeout=timeout)
+        finally:
+            LEDGER.add(kind_of(argv), time.monotonic() - started)
 
     def check(self, argv: Sequence[str], input: bytes | str | None = None,
               timeout: float = 60.0) -> GuestResult:
@@ -350,6 +357,7 @@ def boot_until_power_off(argv: Sequence[str], run_dir: Path, *, timeout: float,
     """Run QEMU until the guest powers off (or ``timeout``); the console's text. ``answer``:
     (prompt, line) typed on the console once the prompt appeared."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     with (run_dir / "qemu.log").open("wb") as log:
         process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)  # noqa: PLW1509
@@ -364,6 +372,7 @@ def boot_until_power_off(argv: Sequence[str], run_dir: Path, *, timeout: float,
         if process.poll() is None:
             process.kill()
             process.wait()
+        LEDGER.add("boot", time.monotonic() - started)
     return (run_dir / "console.log").read_text(errors="replace")
 
 

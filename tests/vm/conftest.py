@@ -1,13 +1,22 @@
 """The real-kernel tier: one lab VM per test session, a clean guest for every test.
 
+Under pytest-xdist (``make vm`` runs two workers on two cores) each worker is a test session
+with a lab of its own: its own run directory, sockets, images and temporary files. Files are
+handed out whole (``--dist loadfile``), so one lab boot serves every test of a file. At the end
+the controller prints the tier's wall time and where the slowest files spent it
+(keyd_lab.profile).
+
 A missing qemu or kernel is a failure that says how to install it, never a skip.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +24,9 @@ from keyd.errors import KeydError
 from keyd.runner import SubprocessRunner
 from keyd_lab.build import Artifacts, new_run_dir, prepare
 from keyd_lab.daemon_setup import Signer, make_signer, stop_keyd
+from keyd_lab.kernel import cache_dir
 from keyd_lab.media import StickSpec, build_stick, create_disk
+from keyd_lab.profile import LEDGER, file_costs, load_walls, longest_first, save_walls, summary_lines
 from keyd_lab.vm import Lab, LabOptions
 
 BOOT_STICK_SERIAL = "KEYDBOOT01"
@@ -35,14 +46,23 @@ udevadm settle -t 10
 exit 0
 """
 
-_state: dict[str, object] = {}
+_state: dict[str, Any] = {"walls": {}, "boots": [], "artifacts": [], "workers": 0}
+
+
+def _walls_kept() -> Path:
+    return cache_dir() / "vm-file-seconds.json"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test under tests/vm carries the vm marker."""
+    """Every test under tests/vm carries the vm marker; the files run longest first (by the last
+    run's times, ``make vm`` keeping that order with --no-loadscope-reorder), so that no worker
+    starts a long file when the other is nearly done."""
     for item in items:
         if "tests/vm/" in str(item.fspath):
             item.add_marker(pytest.mark.vm)
+    files = list(dict.fromkeys(_file_of(item.nodeid) for item in items))
+    rank = {name: i for i, name in enumerate(longest_first(files, load_walls(_walls_kept())))}
+    items.sort(key=lambda item: rank[_file_of(item.nodeid)])
 
 
 @pytest.fixture(scope="session")
@@ -66,18 +86,19 @@ def boot_stick(tmp_path_factory: pytest.TempPathFactory) -> StickSpec:
 def lab(lab_artifacts: Artifacts, boot_stick: StickSpec,
         request: pytest.FixtureRequest) -> Iterator[Lab]:
     """The session's lab VM; its journal and console are kept when a test failed."""
-    run_dir = new_run_dir("pytest")
+    run_dir = new_run_dir(f"pytest-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}")
+    _state["run_dir"] = run_dir
     options = LabOptions(sticks_at_boot=[boot_stick])
     try:
         vm = Lab.boot(lab_artifacts.kernel, lab_artifacts.initramfs, run_dir, options)
     except KeydError as exc:
         pytest.fail(f"the lab VM did not boot (artifacts in {run_dir}): {exc}", pytrace=False)
-    _state["boot_seconds"] = vm.boot_seconds
+    _state["boots"].append(vm.boot_seconds)
     yield vm
     vm.collect()
     vm.close()
     if request.session.testsfailed:
-        _state["artifacts"] = run_dir
+        _state["artifacts"].append(str(run_dir))
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -152,9 +173,68 @@ def keyd_stopped(guest: GuestLab) -> Iterator[None]:
     stop_keyd(guest)
 
 
+def _file_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The tier's wall time is counted from here (in the xdist controller: before any worker)."""
+    _state["started"] = time.monotonic()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
+    """Guest boots and commands count against the file being run."""
+    with LEDGER.scoped(_file_of(item.nodeid)):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, Any, None]:
+    """A failed test's report names the run directory that keeps its guest's journal and console."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "run_dir" in _state:
+        report.sections.append(("keyd-lab", f"guest journal (journal.json, written when the lab shuts "
+                                            f"down) and console.log: {_state['run_dir']}"))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Sum each file's setup, call and teardown times (in the xdist controller: every worker's)."""
+    walls = _state["walls"]
+    walls[_file_of(report.nodeid)] = walls.get(_file_of(report.nodeid), 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its profile, boot time and kept run directories to the controller."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["keyd_lab"] = {"ledger": {k: dict(v) for k, v in LEDGER.seconds.items()},
+                              "boots": _state["boots"], "artifacts": _state["artifacts"]}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """The controller gathers what a worker handed over (pytest-xdist's hook)."""
+    _state["workers"] += 1
+    handed = getattr(node, "workeroutput", {}).get("keyd_lab")
+    if handed:
+        LEDGER.merge(handed["ledger"])
+        _state["boots"] += handed["boots"]
+        _state["artifacts"] += handed["artifacts"]
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Print the measured boot time, and where a failing run's evidence was kept."""
-    if "boot_seconds" in _state:
-        terminalreporter.write_line(f"keyd-lab: guest boot to ready took {_state['boot_seconds']:.1f} s")
-    if "artifacts" in _state:
-        terminalreporter.write_line(f"keyd-lab: journal and console of the failed run: {_state['artifacts']}")
+    """The tier's wall time, the slowest files and their kinds of cost, the boot times, and where
+    a failing run's evidence was kept."""
+    write = terminalreporter.write_line
+    if _state["walls"]:
+        save_walls(_walls_kept(), _state["walls"])
+        tier_wall = time.monotonic() - _state.get("started", time.monotonic())
+        for line in summary_lines(file_costs(_state["walls"], LEDGER), tier_wall,
+                                  max(_state["workers"], 1)):
+            write(line)
+    if _state["boots"]:
+        write("keyd-lab: guest boot to ready took " + ", ".join(f"{s:.1f} s" for s in _state["boots"]))
+    for run_dir in _state["artifacts"]:
+        write(f"keyd-lab: journal and console of the failed run: {run_dir}")
