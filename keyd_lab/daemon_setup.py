@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from keyd_lab import gpg_scratch
 from keyd_lab.channel import GuestResult
 from keyd_lab.errors import LabError
 from keyd_lab.media import StickSpec, build_stick
+from keyd_lab.nas import missing_from_trail
 
 # The guest sees the host's root: the venv running this is at the same path there.
 GUEST_BIN = Path(sys.prefix) / "bin"
@@ -169,13 +171,15 @@ CHECKOUT = Installation("keydctl install (unit, udev rule, D-Bus policy)", str(G
 def debian_package(deb: str) -> Installation:
     """The Debian package at ``deb`` in the guest, with Debian's python3 and libraries.
 
-    Its dependencies are on the host already (``make deps``); the guest has no network, so
-    apt-get fails rather than download anything that is missing.
+    Its dependencies and recommendations are installed on the host by ``make deps``
+    (keyd_lab.programs reads them from debian/control) and the guest runs the host's root.
+    The guest has no network: ``--no-download`` makes apt-get fail at once, naming what is
+    missing, instead of waiting for a resolver that is not there.
     """
     return Installation(f"apt-get install {deb} (Debian's python3 and python3-* libraries)",
                         "/usr/bin/keydctl",
                         ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q",
-                         deb))
+                         "--no-download", deb))
 
 
 def install_keyd(guest: Guest, signer: Signer, config: str,
@@ -249,8 +253,23 @@ def cursor(guest: Guest) -> str:
     return str(json.loads(out.strip().splitlines()[-1])["__CURSOR"])
 
 
-def audit_records(guest: Guest, after: str) -> list[dict[str, str]]:
-    """keyd's audit records (those with a keyd MESSAGE_ID) after ``after``, in journal order."""
+def audit_records(guest: Guest, after: str, awaiting: Sequence[str] = (), volume: str | None = None,
+                  timeout: float = 60.0) -> list[dict[str, str]]:
+    """keyd's audit records (those with a keyd MESSAGE_ID) after ``after``, in journal order.
+
+    keyd writes a record a moment after the change it reports: a test that saw the change in
+    the kernel names the events it will assert on in ``awaiting`` (in order; about ``volume``
+    if given), and the trail is read again until they are all there or ``timeout`` has passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _audit_records_now(guest, after)
+        if not missing_from_trail(events(records, volume), awaiting) or time.monotonic() >= deadline:
+            return records
+        time.sleep(0.5)
+
+
+def _audit_records_now(guest: Guest, after: str) -> list[dict[str, str]]:
     # No match on the command line: with one, journalctl --after-cursor skips the first
     # matching entry when the cursor's own entry does not match (seen with systemd 252).
     out = guest.check(["journalctl", "-o", "json", "--no-pager", f"--after-cursor={after}"],

@@ -7,9 +7,13 @@ installs what is missing from that list, so it lives in one place.
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
 from keyd.programs import Program, packages
+
+CONTROL = Path(__file__).resolve().parents[1] / "debian" / "control"
 
 # The lab's tools: building the guest and its media on the host, and the stacks that tests
 # and the demo make in the guest (which runs the host's root).
@@ -52,10 +56,37 @@ LAB_PACKAGES = ("qemu-system-x86", "qemu-utils", "busybox-static", "kmod", "cpio
 ZFS_LAB_PACKAGES = ("zfsutils-linux", "dkms", "gcc-12", "libc6-dev", "make", "file")
 
 
+def package_relations(control: str, fields: tuple[str, ...] = ("Depends", "Recommends")) -> list[str]:
+    """The packages the binary package's ``fields`` name in debian/control's text (the first of
+    each set of alternatives; substitution variables such as ``${misc:Depends}`` left out)."""
+    stanza = control.split("\nPackage:", 1)[1]
+    lines = [line for line in stanza.splitlines() if not line.startswith("#")]
+    values: dict[str, str] = {}
+    name = ""
+    for line in lines:
+        if line[:1].isspace() and name:
+            values[name] += " " + line.strip()
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            values[name] = value.strip()
+    names = []
+    for field in fields:
+        for relation in values.get(field, "").split(","):
+            first = re.sub(r"\(.*?\)|\[.*?\]", "", relation.split("|")[0]).strip()
+            if first and not first.startswith("${"):
+                names.append(first)
+    return names
+
+
 def apt_packages() -> list[str]:
-    """All apt packages keyd, its build and its lab need, sorted and unique."""
+    """All apt packages keyd, its build and its lab need, sorted and unique.
+
+    The Debian package's Depends and Recommends are among them: the lab's guest runs the host's
+    root and has no network, so `apt-get install ./keyd_*.deb` there must find them installed.
+    """
     names = set(packages()) | {p.package for p in LAB_PROGRAMS.values()}
     names |= set(BUILD_PACKAGES) | set(DEB_PACKAGES) | set(LAB_PACKAGES) | set(ZFS_LAB_PACKAGES)
+    names |= set(package_relations(CONTROL.read_text()))
     return sorted(names)
 
 

@@ -6,11 +6,11 @@ and installed in the lab by tests/vm/test_debian_package.py.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from keyd.cli.daemon_commands import FILES
 from keyd.programs import packages
+from keyd_lab.programs import apt_packages, package_relations
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBIAN = ROOT / "debian"
@@ -20,12 +20,9 @@ ESSENTIAL = {"util-linux", "coreutils"}
 
 def control_field(field: str) -> set[str]:
     """The package names in one relationship field of the binary package keyd."""
-    binary = (DEBIAN / "control").read_text().split("\nPackage: keyd\n", 1)[1]
-    match = re.search(rf"^{field}:(.*?)(?=^\S)", binary + "\nEnd:", re.M | re.S)
-    assert match, f"debian/control has no {field} for keyd"
-    text = re.sub(r"^#.*$", "", match.group(1), flags=re.M)
-    names = (item.split("(")[0].strip() for item in text.split(","))
-    return {name for name in names if name and not name.startswith("${")}
+    names = set(package_relations((DEBIAN / "control").read_text(), (field,)))
+    assert names, f"debian/control has no {field} for keyd"
+    return names
 
 
 def shipped_sources() -> set[str]:
@@ -69,3 +66,15 @@ def test_the_unit_starts_the_daemon_where_the_package_puts_it() -> None:
 def test_control_fields_are_read_as_package_names() -> None:
     assert "mdadm" in control_field("Depends") and "ntfs-3g" in control_field("Recommends")
     assert not any(name.startswith("#") for name in control_field("Depends"))
+
+
+def test_relations_keep_first_alternatives_and_drop_versions_and_substitutions() -> None:
+    control = ("Source: x\n\nPackage: x\n# a comment: with a colon\nDepends: ${misc:Depends},\n"
+               " a (>= 1.0), b | c,\n d [amd64],\nRecommends: e\nDescription: f, g\n")
+    assert package_relations(control) == ["a", "b", "d", "e"]
+
+
+def test_make_deps_installs_what_the_package_depends_on_and_recommends() -> None:
+    # The lab's guest runs the host's root without a network: `apt-get install ./keyd_*.deb`
+    # there must find every dependency and recommendation installed already.
+    assert control_field("Depends") | control_field("Recommends") <= set(apt_packages())

@@ -29,6 +29,7 @@ from keyd_lab.daemon_setup import (
     make_stick,
     stop_keyd,
     wait_state,
+    wait_until,
 )
 from keyd_lab.kernel import Kernel
 from keyd_lab.media import StickSpec
@@ -190,6 +191,9 @@ def assert_adopted(lab: Lab) -> None:
     assert len(drivers) == 1 and drivers[0].split()[1] == "@ntfs-3g", drivers
     loops = lab.check(["losetup", "-n", "-l", "-O", "BACK-FILE"]).stdout.split()
     assert loops == ["/media/winroot/rootfs"], loops
+    # keyd journals its start-up reconcile a moment after it publishes the state.
+    assert wait_until(lab, "journalctl -b -q SYSLOG_IDENTIFIER=keyd KEYD_EVENT=reconciled "
+                           "KEYD_VOLUME=work | grep -q .", 60), journal_text(lab, "keyd.service")
     records = keyd_events(lab)
     trail = [(str(EVENT_BY_ID[r["MESSAGE_ID"]]), r.get("KEYD_RESULT", ""), r.get("KEYD_REASON", ""))
              for r in records]

@@ -53,8 +53,8 @@ def keydctl(guest: GuestLab, *argv: str, nobody: bool = False,
     return int(result.rc), str(result.stdout), str(result.stderr)
 
 
-def by_keyd(guest: GuestLab, after: str) -> list[dict[str, str]]:
-    return [r for r in audit_records(guest, after) if r.get("KEYD_VOLUME") == VOLUME]
+def by_keyd(guest: GuestLab, after: str, awaiting: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    return [r for r in audit_records(guest, after, awaiting, VOLUME) if r.get("KEYD_VOLUME") == VOLUME]
 
 
 def test_keydctl_goes_through_keyd_and_direct_bypasses_it(guest: GuestLab,
@@ -66,7 +66,7 @@ def test_keydctl_goes_through_keyd_and_direct_bypasses_it(guest: GuestLab,
         (err, journal_text(guest, "keyd.service"))
     assert volume_state(guest, VOLUME) == "unlocked"
     assert guest.run(["systemctl", "is-active", UNIT]).rc == 0  # keyd starts the services
-    records = by_keyd(guest, start)
+    records = by_keyd(guest, start, ("unlock-started", "unlock-finished"))
     started = [r for r in records if r.get("KEYD_EVENT") == "unlock-started"]
     assert [r.get("KEYD_REASON") for r in started] == ["D-Bus request by uid 0"], records
     assert events(records)[-1] == "unlock-finished", events(records)
@@ -77,7 +77,7 @@ def test_keydctl_goes_through_keyd_and_direct_bypasses_it(guest: GuestLab,
     rc, out, err = keydctl(guest, "lock", VOLUME)
     assert (rc, out) == (0, f"volume {VOLUME} locked (through keyd)\n"), err
     assert f"keyd-{VOLUME}-crypt" not in mappings(guest)
-    records = by_keyd(guest, start)
+    records = by_keyd(guest, start, ("lock-started", "lock-finished"))
     assert events(records)[-2:] == ["lock-started", "lock-finished"], events(records)
     assert records[-2].get("KEYD_REASON") == "D-Bus request by uid 0", records[-2]
 

@@ -46,7 +46,8 @@ def test_passphrase_fallback_is_answered_through_the_ask_password_agent_interfac
 
         assert wait_until(guest, f"findmnt /mnt/t/{VOLUME}", 180), journal_text(guest, "keyd.service")
         assert volume_state(guest, VOLUME) == "unlocked"
-        trail = events(audit_records(guest, start), VOLUME)
+        order = ("key-timeout", "passphrase-fallback", "unlock-started", "unlock-finished")
+        trail = events(audit_records(guest, start, order, VOLUME), VOLUME)
         print(f"audit trail: {trail}")
         assert trail.index("key-timeout") < trail.index("passphrase-fallback") \
             < trail.index("unlock-started") < trail.index("unlock-finished"), trail

@@ -70,7 +70,7 @@ def test_sigkill_during_cryptsetup_is_restarted_by_systemd_and_ends_consistent(
     assert wait_until(guest, fully_unlocked(volume), 300), journal_text(guest, "keyd.service")
     assert volume_state(guest, volume) == "unlocked"
     assert mappings(guest) == [f"keyd-{volume}-crypt"]
-    trail = events(audit_records(guest, start))
+    trail = events(audit_records(guest, start, ("daemon-started", "unlock-finished")))
     waited = guest.run(["journalctl", "-b", "-u", "keyd.service", "-q", "-o", "cat", "-g",
                         "left running by the previous keyd"]).stdout.strip()
     print(f"\nSIGKILL mid-unlock: audit trail {trail}\nleftover wait: {waited or 'none needed'}")
@@ -106,7 +106,7 @@ def test_two_sticks_for_two_volumes_are_handled_inside_a_storm_of_2000_loop_ueve
     storm_running_at_unlock = guest.run(["test", "-e", "/run/storm.done"]).rc != 0
     assert wait_until(guest, "test -e /run/storm.done", 900)
     print(f"\nstorm still running when both volumes were unlocked: {storm_running_at_unlock}")
-    records = audit_records(guest, start)
+    records = audit_records(guest, start, ("unlock-finished",) * len(names))
     for volume, serial in names.items():
         accepted = [r for r in records if r["KEYD_EVENT"] == "bundle-accepted"
                     and r.get("KEYD_VOLUME") == volume]

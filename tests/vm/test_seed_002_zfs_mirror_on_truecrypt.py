@@ -225,7 +225,8 @@ def test_seed002_through_keyd_with_a_passphrase_per_truecrypt_volume(
         assert wait_state(guest, "secret", "unlocked"), journal_text(guest, "keyd.service")
         assert pools(guest) == {POOL: "ONLINE"}
         assert kernel.checksums(f"/mnt/t/{POOL}/data") == sums
-        trail = events(audit_records(guest, start), "secret")
+        trail = events(audit_records(guest, start, ("passphrase-fallback", "unlock-finished"), "secret"),
+                       "secret")
         assert trail.index("passphrase-fallback") < trail.index("unlock-finished"), trail
         assert guest.check([keydctl, "lock", "secret"], timeout=240).stdout.strip() == \
             "volume secret locked (through keyd)"
@@ -250,7 +251,7 @@ def test_seed002_through_keyd_with_a_passphrase_per_truecrypt_volume(
             journal_text(guest, "keyd.service")
         assert wait_state(guest, "secret", "unlocked"), journal_text(guest, "keyd.service")
         assert pools(guest) == {POOL: "ONLINE"} and kernel.checksums(f"/mnt/t/{POOL}/data") == sums
-        records = audit_records(guest, plugged)
+        records = audit_records(guest, plugged, ("bundle-accepted", "unlock-finished"), "secret")
         accepted = next(r for r in records if r["KEYD_EVENT"] == "bundle-accepted")
         assert "keys k1, k2" in accepted["MESSAGE"], accepted
         assert "unlock-failed" not in events(records, "secret")
