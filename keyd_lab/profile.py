@@ -110,6 +110,19 @@ def summary_lines(costs: Sequence[FileCost], tier_wall: float, workers: int, mos
     return lines
 
 
+def profile_table(costs: Sequence[FileCost]) -> str:
+    """Every file's wall time and its seconds by kind, as a Markdown table (docs/lab.md)."""
+    kinds = [kind for kind in KINDS if any(cost.kinds.get(kind, 0.0) >= 0.5 for cost in costs)]
+    lines = ["| file | wall | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|"]
+    rows = [*costs, FileCost("all files", sum(c.wall for c in costs),
+                             {k: sum(c.kinds.get(k, 0.0) for c in costs) for k in kinds})]
+    for cost in rows:
+        cells = [f"{cost.kinds.get(kind, 0.0):.0f}" for kind in kinds]
+        lines.append(f"| {cost.name.removeprefix('tests/vm/')} | {_clock(cost.wall)} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _clock(seconds: float) -> str:
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes}m{rest:02d}s"

@@ -26,7 +26,15 @@ from keyd_lab.build import Artifacts, new_run_dir, prepare
 from keyd_lab.daemon_setup import Signer, make_signer, stop_keyd
 from keyd_lab.kernel import cache_dir
 from keyd_lab.media import StickSpec, build_stick, create_disk
-from keyd_lab.profile import LEDGER, file_costs, load_walls, longest_first, save_walls, summary_lines
+from keyd_lab.profile import (
+    LEDGER,
+    file_costs,
+    load_walls,
+    longest_first,
+    profile_table,
+    save_walls,
+    summary_lines,
+)
 from keyd_lab.vm import Lab, LabOptions
 
 BOOT_STICK_SERIAL = "KEYDBOOT01"
@@ -231,9 +239,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _state["walls"]:
         save_walls(_walls_kept(), _state["walls"])
         tier_wall = time.monotonic() - _state.get("started", time.monotonic())
-        for line in summary_lines(file_costs(_state["walls"], LEDGER), tier_wall,
-                                  max(_state["workers"], 1)):
+        costs = file_costs(_state["walls"], LEDGER)
+        for line in summary_lines(costs, tier_wall, max(_state["workers"], 1)):
             write(line)
+        table = cache_dir() / "vm-profile.md"
+        table.write_text(profile_table(costs))
+        write(f"keyd-lab: seconds by kind for every file: {table}")
     if _state["boots"]:
         write("keyd-lab: guest boot to ready took " + ", ".join(f"{s:.1f} s" for s in _state["boots"]))
     for run_dir in _state["artifacts"]:

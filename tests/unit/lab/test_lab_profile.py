@@ -13,6 +13,7 @@ from keyd_lab.profile import (
     kind_of,
     load_walls,
     longest_first,
+    profile_table,
     save_walls,
     summary_lines,
 )
@@ -90,3 +91,21 @@ def test_kept_times_are_updated_file_by_file(tmp_path: Path) -> None:
     assert load_walls(kept) == {"a.py": 10.0, "b.py": 25.0}
     kept.write_text("not json")
     assert load_walls(kept) == {}
+
+
+def test_the_table_has_a_column_per_kind_spent_and_a_total_row() -> None:
+    ledger = Ledger()
+    with ledger.scoped("tests/vm/test_a.py"):
+        ledger.add("boot", 30.0)
+    with ledger.scoped("tests/vm/test_b.py"):
+        ledger.add("apt", 20.0)
+
+    table = profile_table(file_costs({"tests/vm/test_a.py": 40.0, "tests/vm/test_b.py": 20.0}, ledger))
+
+    assert table.splitlines() == [
+        "| file | wall | boot | apt | host |",
+        "|---|---|---|---|---|",
+        "| test_a.py | 0m40s | 30 | 0 | 10 |",
+        "| test_b.py | 0m20s | 0 | 20 | 0 |",
+        "| all files | 1m00s | 30 | 20 | 10 |",
+    ]
