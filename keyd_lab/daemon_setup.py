@@ -172,14 +172,14 @@ def debian_package(deb: str) -> Installation:
     """The Debian package at ``deb`` in the guest, with Debian's python3 and libraries.
 
     Its dependencies and recommendations are installed on the host by ``make deps``
-    (keyd_lab.programs reads them from debian/control) and the guest runs the host's root.
-    The guest has no network: ``--no-download`` makes apt-get fail at once, naming what is
-    missing, instead of waiting for a resolver that is not there.
+    (keyd_lab.programs reads them from debian/control) and the guest runs the host's root,
+    which has no network: apt-get fails rather than download anything that is missing.
+    (apt-get's --no-download would fail at once, but refuses a local .deb.)
     """
     return Installation(f"apt-get install {deb} (Debian's python3 and python3-* libraries)",
                         "/usr/bin/keydctl",
                         ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q",
-                         "--no-download", deb))
+                         deb))
 
 
 def install_keyd(guest: Guest, signer: Signer, config: str,
@@ -208,8 +208,9 @@ def installed_root(base: Path, signer: Signer, config: str, units: Mapping[str, 
     (etc / "keyd" / "keyd.toml").write_text(config)
     home = etc / "keyd" / "gnupg"
     home.mkdir(mode=0o700)
-    subprocess.run(["gpg", "--homedir", str(home), "--batch", "--import"], input=signer.public,
-                   check=True, capture_output=True)
+    # No agent for a public key: its socket would not fit a deep pytest-xdist tmp path.
+    subprocess.run(["gpg", "--homedir", str(home), "--batch", "--no-autostart", "--import"],
+                   input=signer.public, check=True, capture_output=True)
     gpg_scratch.stop_agent(runner, home)
     for socket in home.glob("S.*"):
         socket.unlink()

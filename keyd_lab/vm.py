@@ -32,12 +32,23 @@ QEMU = "qemu-system-x86_64"
 PR_SET_PDEATHSIG = 1
 
 
+def guest_cpus() -> int:
+    """vCPUs for a guest: ``KEYD_LAB_CPUS`` if set; else one when pytest-xdist runs guests side
+    by side, two for a guest alone. Two guests with two vCPUs each outnumber two cores: a guest
+    whose vCPU is preempted holding a lock makes its other vCPU spin, and two such guests took
+    1.71 times as long as one after the other, with one vCPU each 0.76
+    (benchmarks/bench_lab_parallel.py)."""
+    if os.environ.get("KEYD_LAB_CPUS"):
+        return int(os.environ["KEYD_LAB_CPUS"])
+    return 1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2
+
+
 @dataclass
 class LabOptions:
     """How to boot: size, deadline, sticks present at boot, and whether a console login is wanted."""
 
     memory_mb: int = 2048
-    cpus: int = 2
+    cpus: int = field(default_factory=guest_cpus)
     # Under TCG the plain baseline CPU boots ~3 s faster than "max" (no AVX to emulate).
     cpu_model: str = "qemu64"
     boot_timeout: float = 180.0

@@ -79,7 +79,7 @@ def test_sigkill_during_cryptsetup_is_restarted_by_systemd_and_ends_consistent(
     assert "unlock-finished" in trail[trail.index("daemon-started"):], trail
 
 
-def test_two_sticks_for_two_volumes_are_handled_inside_a_storm_of_2000_loop_uevents(
+def test_two_sticks_for_two_volumes_are_handled_inside_a_storm_of_loop_uevents(
         guest: GuestLab, tmp_path: Path, signer: Signer, keyd_stopped: None) -> None:
     names = {"echo": "KEYDSTORME", "foxtrot": "KEYDSTORMF"}
     volumes, units = "", {}
@@ -92,9 +92,12 @@ def test_two_sticks_for_two_volumes_are_handled_inside_a_storm_of_2000_loop_ueve
     start_keyd(guest)
     sticks = {v: make_stick(tmp_path, signer, s, {v: volume_key(v)}) for v, s in names.items()}
     start = cursor(guest)
-    guest.sh("truncate -s 1M /run/storm.img; rm -f /run/storm.done; "
-             f"( for i in $(seq {STORM_ROUNDS}); do d=$(losetup -f --show /run/storm.img) && "
-             "losetup -d $d; done; touch /run/storm.done ) >/run/storm.log 2>&1 </dev/null &")
+    # The storm stops early once the test has seen what it is about (both volumes unlocked while
+    # it raged): the rounds left would only burn the guest's CPU.
+    guest.sh("truncate -s 1M /run/storm.img; rm -f /run/storm.done /run/storm.stop; "
+             f"( for i in $(seq {STORM_ROUNDS}); do [ -e /run/storm.stop ] && break; "
+             "d=$(losetup -f --show /run/storm.img) && losetup -d $d; done; "
+             "echo $i > /run/storm.done ) >/run/storm.log 2>&1 </dev/null &")
 
     guest.sh("sleep 5")
     guest.plug(sticks["echo"])
@@ -104,8 +107,11 @@ def test_two_sticks_for_two_volumes_are_handled_inside_a_storm_of_2000_loop_ueve
     for volume in names:
         assert wait_until(guest, fully_unlocked(volume), 600), journal_text(guest, "keyd.service")
     storm_running_at_unlock = guest.run(["test", "-e", "/run/storm.done"]).rc != 0
-    assert wait_until(guest, "test -e /run/storm.done", 900)
-    print(f"\nstorm still running when both volumes were unlocked: {storm_running_at_unlock}")
+    guest.check(["touch", "/run/storm.stop"])
+    assert wait_until(guest, "test -e /run/storm.done", 120)
+    rounds = guest.check(["cat", "/run/storm.done"]).stdout.strip()
+    print(f"\nstorm still running when both volumes were unlocked: {storm_running_at_unlock} "
+          f"(round {rounds} of {STORM_ROUNDS})")
     records = audit_records(guest, start, ("unlock-finished",) * len(names))
     for volume, serial in names.items():
         accepted = [r for r in records if r["KEYD_EVENT"] == "bundle-accepted"
