@@ -244,7 +244,8 @@ def _doctor(args: argparse.Namespace) -> int:
     dm_crypt = DmCryptProbe(env.runner)()
     modules = doctor.needed_modules(config)
     if not dm_crypt and not doctor.needs_dm_crypt(config):
-        modules.remove("dm_crypt")  # every crypt layer can go to userspace: see the crypt finding
+        # Every crypt layer (if any) can go to userspace: see the crypt finding.
+        modules = [module for module in modules if module != "dm_crypt"]
     findings += doctor.check_modules(env.runner, modules, env.root)
     findings += doctor.check_crypt_backends(config, dm_crypt, fuse_problems(), FUSE_FIX)
     findings += doctor.check_hashes(env.runner, config)

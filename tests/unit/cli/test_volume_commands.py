@@ -322,6 +322,24 @@ def test_doctor_with_a_broken_config_still_checks_the_rest(cli: Cli) -> None:
     assert "FAIL  config" in cli.out.getvalue() and "run dir" in cli.out.getvalue()
 
 
+@pytest.mark.parametrize("config", [None, "", configs.layer("usb", "fs", "mount", device="/dev/sdz",
+                                                                 fstype="ext4", mountpoint="/srv/usb")],
+                         ids=["no-config-file", "empty-config", "no-crypt-layer"])
+def test_doctor_without_crypt_layers_on_a_kernel_without_dm_crypt_gives_its_findings(
+        cli: Cli, config: str | None) -> None:
+    if config is None:
+        cli.config.unlink(missing_ok=True)
+    else:
+        cli.config.write_text(config)
+    cli.runner.on("modprobe", reply=Reply(stderr="modprobe: FATAL: Module not found\n", returncode=1))
+
+    assert cli.run("doctor") in (0, 1)
+
+    out = cli.out.getvalue()
+    assert ("FAIL  config" in out) == (config is None), out
+    assert "dm_crypt" not in out and "run dir" in out, out
+
+
 def test_real_main_boundary_maps_config_errors(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "keyd.toml"
