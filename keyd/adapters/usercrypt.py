@@ -129,7 +129,11 @@ class UserspaceCrypt:
                                 if layer.type == "plain"
                                 else tcrypt_served(volume, layer, device, dm_name, secret))
         except (CryptoError, OSError) as exc:
-            raise _refused(volume, layer, exc) from exc
+            refused = _refused(volume, layer, exc)
+            if refused is exc:
+                raise
+            # The refusal carries the cause's words and fix: chained, both would print.
+            raise refused from None
         try:
             self._serve(dm_name, served.spec.line(), data_key)
         finally:
@@ -222,7 +226,7 @@ def _refused(volume: str, layer: CryptLayer, exc: Exception) -> Exception:
     if isinstance(exc, KeyRejected | StorageError):
         return exc
     if isinstance(exc, CryptoError):
-        return StorageError(f"cannot open {layer.name} of volume {volume} in userspace: {exc}",
+        return StorageError(f"cannot open {layer.name} of volume {volume} in userspace: {exc.message}",
                             fix=exc.fix)
     return StorageError(f"cannot read {layer.name} of volume {volume}: {exc}",
                         fix="check the layer's device")

@@ -6,7 +6,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from keyd.adapters.usercrypt import exited, loops_of, server_pids
+import pytest
+
+from keyd.adapters.usercrypt import UserspaceCrypt, exited, loops_of, server_pids
+from keyd.config.model import CryptLayer
+from keyd.crypto.errors import UnsupportedCipher
+from keyd.errors import user_message
 
 
 def test_a_child_that_exited_is_reaped_and_a_zombie_of_another_parent_counts_as_gone(
@@ -36,3 +41,19 @@ def test_servers_and_their_loop_devices_are_found_by_name_and_backing_file(tmp_p
         (sys_root / "block" / loop / "loop").mkdir(parents=True)
         (sys_root / "block" / loop / "loop" / "backing_file").write_text(backing + "\n")
     assert loops_of("/run/keyd/crypt/keyd-nas-tc/volume", str(sys_root)) == ["/dev/loop3"]
+
+
+def test_a_refusal_says_what_and_its_fix_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object) -> None:
+        raise UnsupportedCipher("serpent-xts-plain64", "not implemented in userspace")
+
+    monkeypatch.setattr("keyd.adapters.usercrypt._check_fuse", lambda: None)
+    monkeypatch.setattr("keyd.adapters.usercrypt.tcrypt_served", refuse)
+    layer = CryptLayer(name="tc", type="tcrypt", key="tc", key_format="passphrase", device="/dev/sdb")
+
+    with pytest.raises(Exception) as refused:
+        UserspaceCrypt.__new__(UserspaceCrypt).open("nas", layer, "/dev/sdb", "keyd-nas-tc", b"pass")
+
+    text = user_message(refused.value)
+    assert "cannot open tc of volume nas in userspace: cipher 'serpent-xts-plain64'" in text, text
+    assert text.count("fix:") == 1 and "caused by" not in text, text
