@@ -19,6 +19,7 @@ observes to find it again, as with a dm mapping.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import os
@@ -290,7 +291,12 @@ def exited(pid: int, proc_root: str = "/proc") -> bool:
         stat = Path(proc_root, str(pid), "stat").read_text()
     except OSError:
         return True
-    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+    if stat.rpartition(")")[2].split()[0] not in ("Z", "X"):
+        return False
+    # A child of ours that exited between the waitpid above and the read: reap it now.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    return True
 
 
 def _wait_gone(pids: list[int], dm_name: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +27,21 @@ def test_a_child_that_exited_is_reaped_and_a_zombie_of_another_parent_counts_as_
         (proc / str(pid)).mkdir(parents=True)
         (proc / str(pid) / "stat").write_text(f"{pid} (python3 x) {state} 1 1 1 0 -1\n")
     assert not exited(4242, str(proc)) and exited(4343, str(proc)) and exited(4444, str(proc))
+
+
+def test_a_child_that_exits_between_the_two_looks_is_still_reaped(monkeypatch: pytest.MonkeyPatch) -> None:
+    child = subprocess.Popen(["true"])
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # a zombie now, not yet reaped
+    real_waitpid, calls = os.waitpid, []
+
+    def still_running_at_first(pid: int, options: int) -> tuple[int, int]:
+        calls.append(pid)
+        return (0, 0) if len(calls) == 1 else real_waitpid(pid, options)
+
+    monkeypatch.setattr(os, "waitpid", still_running_at_first)
+
+    assert exited(child.pid)
+    assert not Path(f"/proc/{child.pid}").exists()
 
 
 def test_servers_and_their_loop_devices_are_found_by_name_and_backing_file(tmp_path: Path) -> None:
