@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from keyd.runner import Runner
 from keyd_lab import initramfs, zfs
 from keyd_lab.errors import LabError
-from keyd_lab.kernel import Kernel, cache_dir, ensure_kernel, extract_vmlinux
+from keyd_lab.kernel import Kernel, cache_dir, cache_locked, ensure_kernel, extract_vmlinux
 from keyd_lab.progress import phase
 from keyd_lab.vm import QEMU
 
@@ -40,19 +37,10 @@ def check_host() -> None:
         raise LabError(f"the lab needs {tools}", fix=f"apt-get install {packages} (or run 'make deps')")
 
 
-@contextmanager
-def _cache_locked() -> Iterator[None]:
-    # Two test workers start at once: one builds what the cache lacks, the other waits for it.
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with (cache_dir() / ".build.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def prepare(runner: Runner, timings: dict[str, float] | None = None) -> Artifacts:
     """Return the kernel and initramfs, building whatever the cache lacks (one builder at a time)."""
     check_host()
-    with _cache_locked():
+    with cache_locked(cache_dir()):
         return _prepare(runner, timings)
 
 

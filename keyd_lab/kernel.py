@@ -6,10 +6,13 @@ costs a directory lookup, and a new Debian kernel gets a fresh entry.
 
 from __future__ import annotations
 
+import fcntl
 import lzma
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +59,16 @@ def cache_dir() -> Path:
     """Root of the lab cache: ``$XDG_CACHE_HOME/keyd-lab`` or ``~/.cache/keyd-lab``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "keyd-lab"
+
+
+@contextmanager
+def cache_locked(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s lock: several test sessions (pytest-xdist workers) may start at once;
+    one builds what the cache lacks, the others wait for it and then use it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def resolve_package(runner: Runner) -> tuple[str, str]:

@@ -17,21 +17,19 @@ zfs-dkms version; a complete entry (with its manifest) is never rebuilt.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from keyd.errors import ProgramError
 from keyd.runner import Runner
 from keyd_lab.errors import LabError
-from keyd_lab.kernel import COMPLETE, Kernel, cache_dir
+from keyd_lab.kernel import COMPLETE, Kernel, cache_dir, cache_locked
 from keyd_lab.progress import phase
 
 SOURCE_PACKAGE = "zfs-dkms"
@@ -141,7 +139,7 @@ def ensure_zfs(runner: Runner, kernel: Kernel, timings: dict[str, float] | None 
         return cached
     plan = ZfsPlan(kernel.release, kernel.version, version)
     entry = zfs_root() / plan.key
-    with _build_lock():
+    with cache_locked(zfs_root()):
         if not (entry / COMPLETE).exists():
             _build_entry(runner, plan, kernel, entry, timings)
     return dataclasses.replace(kernel, root=entry / "root")
@@ -152,15 +150,6 @@ def _newest_cached(kernel: Kernel) -> Kernel | None:
     prefix = ZfsPlan(kernel.release, kernel.version, "").key.removesuffix("_zfs-")
     entries = sorted(zfs_root().glob(f"{prefix}_zfs-*/{COMPLETE}"), key=lambda p: p.stat().st_mtime)
     return dataclasses.replace(kernel, root=entries[-1].parent / "root") if entries else None
-
-
-@contextmanager
-def _build_lock() -> Iterator[None]:
-    # Several test sessions may start at once: one builds, the others wait and then reuse it.
-    zfs_root().mkdir(parents=True, exist_ok=True)
-    with (zfs_root() / ".lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _build_entry(runner: Runner, plan: ZfsPlan, kernel: Kernel, entry: Path,
